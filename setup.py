@@ -1,0 +1,38 @@
+"""simvlm_jax: SimVLM and CoCa pretraining in JAX/Flax."""
+import setuptools
+
+# Versions tested together (CPU, Python 3.11). The GPU/TPU jaxlib comes from the
+# matching `jax[cuda12]` / `jax[tpu]` extra of the same jax version.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "tensorflow-datasets==4.9.10",
+    "seqio==0.0.20",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "einops==0.8.2",
+    "gin-config==0.5.0",
+    "sentencepiece==0.2.3",
+    "numpy==2.4.6",
+    "pillow==13.0.0",
+    "safetensors==0.8.0",
+    "tensorboardX==2.6.5",
+]
+
+setuptools.setup(
+    name="simvlm_jax",
+    version="0.1.0",
+    description="SimVLM and CoCa vision-language pretraining in JAX/Flax.",
+    packages=setuptools.find_packages(include=["simvlm_jax", "simvlm_jax.*"]),
+    package_data={"simvlm_jax": ["../gin/**/*.gin"]},
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest==9.2.0", "pycocoevalcap==1.2"],
+    },
+)
