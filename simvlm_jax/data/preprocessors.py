@@ -1,0 +1,201 @@
+"""Per-example preprocessors (grain transforms) for PrefixLM pretraining.
+
+image-text: DecodeImage -> CleanCaption -> Tokenize -> PrefixLMSplit
+text-only:  LineToText -> CleanCaption -> Tokenize -> PrefixLMSplit(text_only) -> AddBlankImage
+
+A transform that meets bad data returns None (grain drops it) and counts the
+reason in `SKIPPED`, which the trainer logs; nothing raises mid-run.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import re
+import threading
+import warnings
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from simvlm_jax.data import sources
+
+_lock = threading.Lock()
+SKIPPED: collections.Counter = collections.Counter()  # reason -> count (this process)
+
+
+def skip(reason: str) -> None:
+    with _lock:
+        SKIPPED[reason] += 1
+
+
+def skipped_counts() -> dict[str, int]:
+    with _lock:
+        return dict(SKIPPED)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
+    """Aspect-preserving resize of the shorter side to `size`, then a center crop."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), np.uint8)
+
+
+@dataclasses.dataclass
+class DecodeImage(grain.transforms.Map):
+    """Image bytes -> uint8 [size, size, 3]; caption from .txt (or .json 'caption')."""
+    image_size: int
+    max_image_pixels: int = 50_000_000  # decompression-bomb guard
+
+    def map(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        if record is None:
+            return None
+        data = next((record[e] for e in sources.IMAGE_EXTS if record.get(e)), None)
+        if data is None:
+            skip("missing_image")
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+                if img.width * img.height > self.max_image_pixels:
+                    skip("image_too_large")
+                    return None
+                img.load()
+            if img.mode != "RGB":  # grayscale, CMYK, palette, alpha
+                img = img.convert("RGBA").convert("RGB") if "A" in img.getbands() or img.mode == "P" \
+                    else img.convert("RGB")
+            image = resize_center_crop(img, self.image_size)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            skip("image_too_large")
+            return None
+        except Exception:  # pylint: disable=broad-except
+            skip("image_decode_error")
+            return None
+        caption = record.get("txt")
+        if caption is None:
+            caption = sources.read_json(record).get("caption")
+        return {"image": image, "has_image": np.int32(1), "text": caption,
+                "key": record.get("__key__", "")}
+
+
+@dataclasses.dataclass
+class LineToText(grain.transforms.Map):
+    """Text-only record -> {'text'} with no image."""
+
+    def map(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        if record is None:
+            return None
+        return {"text": record["text"], "has_image": np.int32(0), "key": record.get("__key__", "")}
+
+
+_SPACES = re.compile(r"\s+")
+
+
+@dataclasses.dataclass
+class CleanCaption(grain.transforms.Map):
+    """UTF-8 decode, whitespace collapse, optional lowercasing; drops empty or overlong text."""
+    max_chars: int = 2000
+    lowercase: bool = False
+
+    def map(self, ex: dict[str, Any] | None) -> dict[str, Any] | None:
+        if ex is None:
+            return None
+        text = ex.get("text")
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError:
+                skip("caption_not_utf8")
+                return None
+        text = _SPACES.sub(" ", text or "").strip()
+        if not text:
+            skip("caption_empty")
+            return None
+        if len(text) > self.max_chars:
+            skip("caption_too_long")
+            return None
+        return {**ex, "text": text.lower() if self.lowercase else text}
+
+
+@dataclasses.dataclass
+class Tokenize(grain.transforms.Map):
+    """text -> int32 token ids ending with EOS."""
+    vocabulary: Any
+    max_tokens: int = 512
+
+    def map(self, ex: dict[str, Any] | None) -> dict[str, Any] | None:
+        if ex is None:
+            return None
+        ids = list(self.vocabulary.encode(ex["text"]))[: self.max_tokens - 1]
+        ids.append(self.vocabulary.eos_id)
+        return {**ex, "tokens": np.asarray(ids, np.int32)}
+
+
+def pad_to(x: np.ndarray, length: int) -> np.ndarray:
+    out = np.zeros((length,), np.int32)
+    out[: min(len(x), length)] = x[:length]
+    return out
+
+
+@dataclasses.dataclass
+class PrefixLMSplit(grain.transforms.RandomMap):
+    """Splits tokens into an encoder prefix and a decoder target (SimVLM's PrefixLM).
+
+    image-text: with probability `text_prefix_prob` the prefix also takes a
+    uniformly random leading slice of 1..`max_prefix_len` text tokens; otherwise
+    the whole caption is the target (plain captioning).
+    text-only: the split point is uniform over 1..len-1, so both sides are
+    non-empty. The target always keeps >= 1 token.
+    """
+    max_prefix_len: int
+    max_target_len: int
+    text_prefix_prob: float = 0.5
+
+    def random_map(self, ex: dict[str, Any] | None, rng: np.random.Generator):
+        if ex is None:
+            return None
+        tokens = ex.pop("tokens")
+        n = len(tokens)
+        max_k = min(self.max_prefix_len, n - 1)
+        if ex["has_image"]:
+            k = int(rng.integers(1, max_k + 1)) if (max_k >= 1 and rng.random() < self.text_prefix_prob) else 0
+        else:
+            if max_k < 1:
+                skip("text_too_short")
+                return None
+            k = int(rng.integers(1, max_k + 1))
+        ex = {k_: v for k_, v in ex.items() if k_ != "text"}
+        ex["prefix_tokens"] = pad_to(tokens[:k], self.max_prefix_len)
+        ex["target_tokens"] = pad_to(tokens[k:], self.max_target_len)
+        return ex
+
+
+@dataclasses.dataclass
+class AddBlankImage(grain.transforms.Map):
+    """Text-only examples get an all-zero image (masked out by `has_image == 0`)."""
+    image_size: int
+
+    def map(self, ex: dict[str, Any] | None) -> dict[str, Any] | None:
+        if ex is None:
+            return None
+        return {**ex, "image": np.zeros((self.image_size, self.image_size, 3), np.uint8)}
+
+
+MODEL_FEATURES = ("image", "has_image", "prefix_tokens", "target_tokens")
+
+
+@dataclasses.dataclass
+class SelectFeatures(grain.transforms.Map):
+    """Keeps only the model's input features (drops keys, raw text)."""
+    features: tuple[str, ...] = MODEL_FEATURES
+
+    def map(self, ex: dict[str, Any] | None) -> dict[str, Any] | None:
+        if ex is None:
+            return None
+        return {k: ex[k] for k in self.features}

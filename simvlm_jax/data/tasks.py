@@ -1,0 +1,99 @@
+"""seqio Tasks and Mixtures: the registry of named datasets, configured from gin.
+
+A Task here = a `SeqioSource` (grain random-access reader per split) + grain
+preprocessors + output features (the SentencePiece vocabulary) + metric fns.
+seqio names, lists and mixes tasks (rates included); `simvlm_jax.data.pipeline`
+turns a task or mixture into a grain pipeline. Register your own data with the
+same functions from gin (see README, "Use your own data").
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import gin
+import seqio
+
+from simvlm_jax.data import preprocessors as pp
+from simvlm_jax.data import sources
+from simvlm_jax.data import tokenizer
+
+
+def _output_features(vocab) -> dict[str, seqio.Feature]:
+    return {"prefix_tokens": seqio.Feature(vocab, add_eos=False, required=False),
+            "target_tokens": seqio.Feature(vocab, add_eos=True)}
+
+
+def _add_task(task: seqio.Task) -> seqio.Task:
+    if task.name in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.remove(task.name)  # re-registration (tests, notebooks) replaces
+    seqio.TaskRegistry.add_provider(task.name, task)
+    return task
+
+
+@gin.configurable
+def image_text_task(name: str = gin.REQUIRED, shards: Mapping[str, str | Sequence[str]] = gin.REQUIRED,
+                    image_size: int = gin.REQUIRED, max_prefix_len: int = gin.REQUIRED,
+                    max_target_len: int = gin.REQUIRED, text_prefix_prob: float = 0.5,
+                    lowercase: bool = False, max_caption_chars: int = 2000,
+                    vocabulary: seqio.Vocabulary | None = None) -> seqio.Task:
+    """Registers an image-text PrefixLM task over webdataset tar shards.
+
+    `shards` maps split -> glob(s), e.g. {'train': '/data/laion/{00000..00999}.tar'}
+    written as a glob: {'train': '/data/laion/*.tar'}.
+    """
+    vocab = vocabulary or tokenizer.get_vocabulary()
+    source = sources.SeqioSource({split: (lambda p=paths: sources.TarShardSource(p))
+                                  for split, paths in shards.items()})
+    return _add_task(seqio.Task(
+        name, source=source, output_features=_output_features(vocab),
+        preprocessors=[pp.DecodeImage(image_size), pp.CleanCaption(max_caption_chars, lowercase),
+                       pp.Tokenize(vocab, max_prefix_len + max_target_len),
+                       pp.PrefixLMSplit(max_prefix_len, max_target_len, text_prefix_prob),
+                       pp.SelectFeatures()],
+        shuffle_buffer_size=None))
+
+
+@gin.configurable
+def text_task(name: str = gin.REQUIRED, files: Mapping[str, str | Sequence[str]] = gin.REQUIRED,
+              image_size: int = gin.REQUIRED, max_prefix_len: int = gin.REQUIRED,
+              max_target_len: int = gin.REQUIRED, lowercase: bool = False,
+              max_chars: int = 20000, vocabulary: seqio.Vocabulary | None = None) -> seqio.Task:
+    """Registers a text-only PrefixLM task (random split point; no image)."""
+    vocab = vocabulary or tokenizer.get_vocabulary()
+    source = sources.SeqioSource({split: (lambda p=paths: sources.TextLineSource(p))
+                                  for split, paths in files.items()})
+    return _add_task(seqio.Task(
+        name, source=source, output_features=_output_features(vocab),
+        preprocessors=[pp.LineToText(), pp.CleanCaption(max_chars, lowercase),
+                       pp.Tokenize(vocab, max_prefix_len + max_target_len),
+                       pp.PrefixLMSplit(max_prefix_len, max_target_len),
+                       pp.AddBlankImage(image_size), pp.SelectFeatures()],
+        shuffle_buffer_size=None))
+
+
+@gin.configurable
+def mixture(name: str = gin.REQUIRED, tasks_and_rates: Sequence[tuple] = gin.REQUIRED) -> seqio.Mixture:
+    """Registers a seqio Mixture; `tasks_and_rates` = [(task_name, rate), ...]."""
+    if name in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.remove(name)
+    return seqio.MixtureRegistry.add(name, [(t, float(r)) for t, r in tasks_and_rates])
+
+
+@gin.configurable
+def register_builtin(data_dir: str = gin.REQUIRED, text_only_rate: float = 0.125,
+                     **task_kwargs) -> str:
+    """Registers the built-in synthetic data: 'builtin_image_text', 'builtin_text' and the
+    mixture 'builtin_pretrain' (image-text : text-only = 1 - rate : rate, SimVLM's 4096:512
+    is rate 0.111). Returns the mixture name."""
+    if not os.path.isdir(os.path.join(data_dir, "train")):
+        raise FileNotFoundError(f"Built-in data not found in {data_dir}. Run "
+                                f"`python -m simvlm_jax.main --mode=prepare --gin_file=...` first.")
+    image_text_task(name="builtin_image_text",
+                    shards={"train": os.path.join(data_dir, "train", "*.tar"),
+                            "validation": os.path.join(data_dir, "heldout", "*.tar")}, **task_kwargs)
+    text_kwargs = {k: v for k, v in task_kwargs.items() if k != "text_prefix_prob"}
+    text_task(name="builtin_text", files={"train": os.path.join(data_dir, "text", "*.txt")}, **text_kwargs)
+    mixture(name="builtin_pretrain", tasks_and_rates=[("builtin_image_text", 1.0 - text_only_rate),
+                                                      ("builtin_text", text_only_rate)])
+    return "builtin_pretrain"

@@ -1,0 +1,229 @@
+"""Transformer building blocks shared by SimVLM and CoCa.
+
+Every parameter is created with logical axis names and every main activation is
+constrained with `activation_*` names; `simvlm_jax.partitioning` maps both onto
+the mesh. Attention goes through `jax.nn.dot_product_attention` (cuDNN flash
+attention on GPU when `attention_impl='cudnn'`, XLA elsewhere).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
+BATCH_LENGTH_HEADS_KV = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+
+default_kernel_init = nn.initializers.xavier_uniform()
+
+
+def param_with_axes(init: Callable, names: tuple[str | None, ...]) -> Callable:
+    return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
+    return nn.with_logical_constraint(x, names)
+
+
+def dense_general(features, axis, kernel_names, bias_names, *, dtype, param_dtype,
+                  name=None, use_bias=True, kernel_init=default_kernel_init) -> nn.DenseGeneral:
+    return nn.DenseGeneral(
+        features=features, axis=axis, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
+        kernel_init=param_with_axes(kernel_init, kernel_names),
+        bias_init=param_with_axes(nn.initializers.zeros_init(), bias_names), name=name)
+
+
+def layer_norm(name: str | None = None, *, dtype, param_dtype, eps: float = 1e-6) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+                        scale_init=param_with_axes(nn.initializers.ones_init(), ("norm",)),
+                        bias_init=param_with_axes(nn.initializers.zeros_init(), ("norm",)))
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str | None) -> Array:
+    """[B,T,N,H] x [B,S,N,H] -> [B,T,N,H]; `mask` broadcastable to [B,N,T,S], True = attend."""
+    if impl == "cudnn":  # cuDNN needs bf16/fp16 inputs
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+class MLP(nn.Module):
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        d = x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense_general(self.mlp_dim, -1, ("embed", "mlp"), ("mlp",), name="wi", **kw)(x)
+        h = constrain(nn.gelu(h), ("activation_batch", "activation_length", "activation_mlp"))
+        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        return dense_general(d, -1, ("mlp", "embed"), ("embed",), name="wo", **kw)(h)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention (optionally with a KV cache) or cross-attention.
+
+    Decode mode (`decode=True`) processes one query position per call:
+      * self-attention appends this step's key/value to the 'cache' collection;
+      * cross-attention projects the encoder output once, on the call that
+        creates the cache, and reuses the cached keys/values afterwards.
+    """
+    num_heads: int
+    head_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+    is_cross: bool = False
+    decode: bool = False
+    max_decode_len: int = 0
+
+    @nn.compact
+    def __call__(self, x: Array, kv_input: Array | None, mask: Array | None) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        proj = functools.partial(dense_general, (self.num_heads, self.head_dim), -1,
+                                 ("embed", "heads", "kv"), ("heads", "kv"), **kw)
+        q = proj(name="query")(x) / jnp.sqrt(self.head_dim).astype(self.dtype)
+        q = constrain(q, BATCH_LENGTH_HEADS_KV)
+        key_proj, value_proj = proj(name="key"), proj(name="value")
+
+        if self.is_cross and self.decode:
+            # Encoder keys/values are computed once when the cache is created.
+            ck = self.variable("cache", "cross_key", lambda: key_proj(kv_input))
+            cv = self.variable("cache", "cross_value", lambda: value_proj(kv_input))
+            k, v = ck.value, cv.value
+        elif self.decode:
+            k_new, v_new = key_proj(x), value_proj(x)
+            b, _, n, h = k_new.shape
+            shape = (b, self.max_decode_len, n, h)
+            ck = self.variable("cache", "cached_key", jnp.zeros, shape, k_new.dtype)
+            cv = self.variable("cache", "cached_value", jnp.zeros, shape, v_new.dtype)
+            idx = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+            i = idx.value
+            ck.value = jax.lax.dynamic_update_slice(ck.value, k_new, (0, i, 0, 0))
+            cv.value = jax.lax.dynamic_update_slice(cv.value, v_new, (0, i, 0, 0))
+            idx.value = i + x.shape[1]
+            k, v = ck.value, cv.value
+            # Attend to cached positions <= i (the query is at position i).
+            step_mask = (jnp.arange(self.max_decode_len) <= i)[None, None, None, :]
+            mask = step_mask if mask is None else jnp.logical_and(mask, step_mask)
+        else:
+            src = x if kv_input is None else kv_input
+            k, v = key_proj(src), value_proj(src)
+        k = constrain(k, BATCH_LENGTH_HEADS_KV)
+        v = constrain(v, BATCH_LENGTH_HEADS_KV)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.attention_impl)
+        out = constrain(out, BATCH_LENGTH_HEADS_KV)
+        d = x.shape[-1]
+        return dense_general(d, (-2, -1), ("heads", "kv", "embed"), ("embed",), name="out", **kw)(out)
+
+
+def drop_path(x: Array, rate: float, deterministic: bool, rng_fn: Callable[[], Array]) -> Array:
+    """Stochastic depth: drops the whole residual branch per example."""
+    if deterministic or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng_fn(), 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LN layer: self-attention [+ cross-attention] + MLP.
+
+    Scan-compatible: `__call__(x, *broadcast_args) -> (x, None)`.
+    """
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+    cross_attention: bool = False
+    deterministic: bool = True
+    decode: bool = False
+    max_decode_len: int = 0
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: Array, self_mask: Array | None, encoded: Array | None = None,
+                 cross_mask: Array | None = None):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        akw = dict(num_heads=self.num_heads, head_dim=self.head_dim,
+                   attention_impl=self.attention_impl, **kw)
+        det = self.deterministic
+        dp = functools.partial(drop_path, rate=self.drop_path_rate, deterministic=det,
+                               rng_fn=lambda: self.make_rng("dropout"))
+        x = constrain(x, BATCH_LENGTH_EMBED)
+
+        h = layer_norm("pre_self_attention_norm", eps=self.eps, **kw)(x)
+        h = Attention(decode=self.decode, max_decode_len=self.max_decode_len,
+                      name="self_attention", **akw)(h, None, self_mask)
+        x = x + dp(nn.Dropout(self.dropout_rate)(h, deterministic=det))
+
+        if self.cross_attention:
+            h = layer_norm("pre_cross_attention_norm", eps=self.eps, **kw)(x)
+            h = Attention(is_cross=True, decode=self.decode, name="cross_attention", **akw)(
+                h, encoded, cross_mask)
+            x = x + dp(nn.Dropout(self.dropout_rate)(h, deterministic=det))
+
+        h = layer_norm("pre_mlp_norm", eps=self.eps, **kw)(x)
+        h = MLP(self.mlp_dim, self.dropout_rate, name="mlp", **kw)(h, det)
+        x = x + dp(nn.Dropout(self.dropout_rate)(h, deterministic=det))
+        return constrain(x, BATCH_LENGTH_EMBED), None
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def layer_stack(layer_kwargs: dict, num_layers: int, *, scan: bool, remat_policy: str,
+                name: str) -> Callable:
+    """Returns fn(x, *args) -> x applying `num_layers` TransformerLayers.
+
+    `scan=True` stacks the params on a leading 'layers' axis and compiles one
+    layer body (compile time flat in depth); `remat_policy` picks what the
+    backward pass recomputes.
+    """
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}")
+    layer_cls = TransformerLayer
+    if remat_policy != "none":
+        layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+
+    def apply(x, *args):
+        if scan:
+            stacked = nn.scan(
+                layer_cls, variable_axes={"params": 0, "cache": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast,) * len(args), length=num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stacked(**layer_kwargs, name=name)(x, *args)
+            return x
+        for i in range(num_layers):
+            x, _ = layer_cls(**layer_kwargs, name=f"{name}_{i}")(x, *args)
+        return x
+
+    return apply
+
+
+def sincos_2d(h: int, w: int, dim: int, temperature: float = 10_000.0) -> Array:
+    """Fixed 2-D sin-cos position embedding, [h*w, dim] (MoCo v3 / big_vision)."""
+    if dim % 4:
+        raise ValueError(f"sincos2d position embedding needs width % 4 == 0, got {dim}")
+    y, x = jnp.mgrid[:h, :w]
+    omega = 1.0 / (temperature ** (jnp.arange(dim // 4) / (dim // 4 - 1 if dim > 4 else 1)))
+    y = y.reshape(-1)[:, None] * omega[None]
+    x = x.reshape(-1)[:, None] * omega[None]
+    return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)

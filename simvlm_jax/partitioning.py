@@ -1,0 +1,112 @@
+"""Device mesh and the one table mapping logical axis names to mesh axes.
+
+Models name every parameter and key activation dimension logically
+('embed', 'mlp', 'heads', 'activation_batch', ...). `LOGICAL_AXIS_RULES` is the
+only place that says which mesh axis ('data', 'fsdp', 'tensor') each name is
+sharded over. Parameters use the plain names; activations use `activation_*`
+names so a parameter's 'embed' dim can be FSDP-sharded while the activations'
+batch dim uses the same mesh axis.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Parameters: embed -> fsdp is ZeRO-3 (params, grads and optimizer state all
+# sharded); heads/mlp/vocab -> tensor is Megatron-style tensor parallelism.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("norm", None),
+    ("position", None),
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_vocab", "tensor"),
+    ("activation_height", None),
+    ("activation_width", None),
+    ("activation_channels", None),
+)
+
+
+@gin.configurable
+def axis_rules(overrides: Sequence[tuple[str, Any]] = ()) -> tuple[tuple[str, Any], ...]:
+    """The logical-axis rules, with gin `overrides` taking precedence."""
+    override_names = {name for name, _ in overrides}
+    return tuple(overrides) + tuple(r for r in LOGICAL_AXIS_RULES if r[0] not in override_names)
+
+
+@gin.configurable
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a ('data', 'fsdp', 'tensor') mesh; one axis may be -1 ("the rest")."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"make_mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+    known = math.prod(s for s in sizes if s != -1)
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"make_mesh: mesh axis sizes must be positive or -1, got {sizes}")
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"make_mesh: {len(devices)} devices are not divisible by {known} "
+                             f"(data={data}, fsdp={fsdp}, tensor={tensor})")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"make_mesh: data*fsdp*tensor = {math.prod(sizes)} but there are "
+                         f"{len(devices)} devices; set one axis to -1 to use the rest")
+    try:  # topology-aware device order on TPU/GPU
+        from jax.experimental import mesh_utils
+        arr = mesh_utils.create_device_mesh(sizes, devices=devices)
+    except Exception:  # pylint: disable=broad-except
+        arr = np.asarray(devices).reshape(sizes)
+    return Mesh(arr, MESH_AXES)
+
+
+def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules=None) -> Any:
+    """Maps a pytree of logical PartitionSpecs to NamedShardings on `mesh`."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules or axis_rules())
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Sharding of an input array: leading dim over the batch axes, rest replicated."""
+    batch_axes = dict(axis_rules())["activation_batch"]
+    return NamedSharding(mesh, P(batch_axes, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles per-process numpy batches into global jax.Arrays on the mesh.
+
+    Each process passes its own slice of the global batch (leading dim); the
+    result's leading dim is the global batch size.
+    """
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+            for k, v in batch.items()}
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch dimension is split over devices."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
