@@ -110,3 +110,20 @@ def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, 
 def num_batch_shards(mesh: Mesh) -> int:
     """How many ways the batch dimension is split over devices."""
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+class activate:  # pylint: disable=invalid-name
+    """Context in which logical axis names resolve to `mesh` (for tracing/compiling)."""
+
+    def __init__(self, mesh: Mesh, rules=None):
+        self.mesh, self.rules = mesh, rules or axis_rules()
+
+    def __enter__(self):
+        self.mesh.__enter__()
+        self._rules_ctx = nn.logical_axis_rules(self.rules)
+        self._rules_ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._rules_ctx.__exit__(*exc)
+        self.mesh.__exit__(*exc)

@@ -14,7 +14,6 @@ import os
 
 # The input pipeline must never take accelerator memory: hide GPUs from TF
 # (imported by seqio/tfds) before anything imports it.
-os.environ.setdefault("CUDA_VISIBLE_DEVICES_FOR_TF", "")
 import tensorflow as tf  # noqa: E402  pylint: disable=g-import-not-at-top
 try:
     tf.config.set_visible_devices([], "GPU")

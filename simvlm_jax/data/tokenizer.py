@@ -17,7 +17,7 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
 
 def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int = 512,
-                        model_type: str = "unigram") -> str:
+                        model_type: str = "bpe") -> str:
     """Trains a SentencePiece model on `texts` and writes it to `model_path` (.model)."""
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
     model = io.BytesIO()

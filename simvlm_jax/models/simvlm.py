@@ -201,6 +201,7 @@ class Encoder(nn.Module):
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         img = ImageEmbedder(cfg, deterministic=deterministic, name="image_embedder")(images)
         txt = self.shared_embedding(prefix_tokens) * jnp.sqrt(cfg.width).astype(cfg.compute_dtype)
+        txt = layers.constrain(txt, layers.BATCH_LENGTH_EMBED)
         txt = txt + _pos_param(self, "prefix_pos_embedding", cfg.max_prefix_len, cfg)[: prefix_tokens.shape[1]][None]
         modality = self.param("modality_embedding", layers.param_with_axes(
             nn.initializers.normal(0.02), (None, "embed")), (2, cfg.width), cfg.params_dtype)
@@ -237,6 +238,7 @@ class Decoder(nn.Module):
             pos = pos_table[:t][None]
             self_mask = nn.make_causal_mask(decoder_input_tokens, dtype=jnp.bool_)
         x = self.shared_embedding(decoder_input_tokens) * jnp.sqrt(cfg.width).astype(cfg.compute_dtype)
+        x = layers.constrain(x, layers.BATCH_LENGTH_EMBED)
         x = (x + pos.astype(x.dtype)).astype(cfg.compute_dtype)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         cross_mask = encoder_valid[:, None, None, :]

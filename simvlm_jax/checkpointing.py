@@ -1,0 +1,67 @@
+"""orbax checkpoints of the train state together with the grain iterator position.
+
+Layout: `<work_dir>/checkpoints/<step>/{state,data}`. `state` is the sharded
+TrainState (every process writes its own shards); `data` holds each process's
+grain iterator state, so a resumed run continues with exactly the next batch.
+orbax writes to a temporary directory and renames it when complete, so an
+interrupted save never leaves a half checkpoint that would be restored.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import gin
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+@gin.configurable
+def make_manager(work_dir: str, save_every: int = 500, keep: int = 3, keep_every: int | None = None,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+    """CheckpointManager saving every `save_every` steps, keeping the last `keep`
+    (and every `keep_every`-th step forever, if set)."""
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every, max_to_keep=keep, keep_period=keep_every,
+        enable_async_checkpointing=async_save, create=True)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(work_dir, "checkpoints")),
+                                 options=options, item_names=("state", "data"))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any | None,
+         force: bool = False) -> bool:
+    """Saves if the manager's policy (or `force`) says so; returns whether it saved."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any | None,
+            step: int | None = None) -> tuple[Any, int] | None:
+    """Restores the latest (or given) step into `abstract_state`'s shapes and shardings.
+
+    The shardings come from the *current* mesh, so a checkpoint saved on one
+    mesh restores onto another. Returns (state, step) or None if there is none.
+    """
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        return None
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    saved_items = _saved_items(manager, step)
+    if data_iterator is not None and "data" in saved_items:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"], step
+
+
+def _saved_items(manager: ocp.CheckpointManager, step: int) -> set[str]:
+    path = os.path.join(str(manager.directory), str(step))
+    return set(os.listdir(path)) if os.path.isdir(path) else set()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying the target shardings (what restore needs)."""
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
