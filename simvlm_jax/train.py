@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import time
 from typing import Any, Callable
@@ -46,11 +47,16 @@ def decay_mask(params: Any) -> Any:
 
 
 @gin.configurable
-def make_optimizer(total_steps: int, learning_rate: float = 1e-3, warmup_steps: int = 1000,
-                   schedule: str = "cosine", end_lr_fraction: float = 0.0, weight_decay: float = 0.01,
-                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, clip_norm: float | None = 1.0
-                   ) -> tuple[optax.GradientTransformation, Callable]:
-    """AdamW with linear warmup then `schedule` ('cosine' | 'linear' | 'constant') decay."""
+def make_optimizer(total_steps: int, name: str = "adamw", learning_rate: float = 1e-3,
+                   warmup_steps: int = 1000, schedule: str = "cosine", end_lr_fraction: float = 0.0,
+                   weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   clip_norm: float | None = 1.0, moment_dtype: str | None = None,
+                   frozen: tuple[str, ...] = ()) -> tuple[optax.GradientTransformation, Callable]:
+    """Optimizer from gin: 'adamw' or 'adafactor' (CoCa's, with momentum b1), linear warmup
+    then `schedule` ('cosine' | 'linear' | 'rsqrt' | 'constant'), global-norm clipping,
+    decoupled weight decay on kernels only, `moment_dtype='bfloat16'` for a smaller
+    optimizer state, and `frozen`: regexes of param paths ('encoder/.*') that get no
+    updates and no optimizer state."""
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     decay_steps = max(total_steps - warmup_steps, 1)
     end_lr = learning_rate * end_lr_fraction
@@ -58,15 +64,40 @@ def make_optimizer(total_steps: int, learning_rate: float = 1e-3, warmup_steps: 
         decay = optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=end_lr_fraction)
     elif schedule == "linear":
         decay = optax.linear_schedule(learning_rate, end_lr, decay_steps)
+    elif schedule == "rsqrt":
+        decay = lambda step: learning_rate * jax.lax.rsqrt((step + max(warmup_steps, 1)) / max(warmup_steps, 1))
     elif schedule == "constant":
         decay = optax.constant_schedule(learning_rate)
     else:
-        raise ValueError(f"make_optimizer.schedule={schedule!r}; use 'cosine', 'linear' or 'constant'")
+        raise ValueError(f"make_optimizer.schedule={schedule!r}; use 'cosine', 'linear', 'rsqrt' or 'constant'")
     lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), decay],
                               [warmup_steps])
+    mu_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, None: None}.get(moment_dtype, "bad")
+    if isinstance(mu_dtype, str):
+        raise ValueError(f"make_optimizer.moment_dtype={moment_dtype!r}; use None, 'float32' or 'bfloat16'")
     chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
-    chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
-    return optax.chain(*chain), lr
+    if name == "adamw":
+        chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask,
+                                 mu_dtype=mu_dtype))
+    elif name == "adafactor":
+        chain.append(optax.adafactor(lr, decay_rate=b2, momentum=b1, dtype_momentum=mu_dtype or jnp.float32,
+                                     weight_decay_rate=weight_decay, weight_decay_mask=decay_mask,
+                                     multiply_by_parameter_scale=False, clipping_threshold=None))
+    else:
+        raise ValueError(f"make_optimizer.name={name!r}; use 'adamw' or 'adafactor'")
+    tx = optax.chain(*chain)
+    if frozen:
+        patterns = [re.compile(p) for p in frozen]
+        def label(params):
+            return jax.tree_util.tree_map_with_path(
+                lambda path, _: "frozen" if any(p.fullmatch(_path_str(path)) for p in patterns) else "train",
+                params)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, label)
+    return tx, lr
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def prefix_lm_loss(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:

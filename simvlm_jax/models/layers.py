@@ -227,3 +227,30 @@ def sincos_2d(h: int, w: int, dim: int, temperature: float = 10_000.0) -> Array:
     y = y.reshape(-1)[:, None] * omega[None]
     x = x.reshape(-1)[:, None] * omega[None]
     return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+
+
+class Embed(nn.Module):
+    """Token embedding table ('vocab', 'embed') used for lookup and tied output logits.
+
+    Under FSDP the table is stored sharded over 'embed'; it is gathered (constrained to
+    ('vocab', None)) before use, so XLA all-gathers the weight instead of resharding
+    the batch-sharded activations.
+    """
+    vocab_size: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    embedding_init: Callable = nn.initializers.normal(1.0)
+
+    def setup(self):
+        self.embedding = self.param("embedding", param_with_axes(self.embedding_init, ("vocab", "embed")),
+                                    (self.vocab_size, self.features), self.param_dtype)
+
+    def _gathered(self) -> Array:
+        return constrain(jnp.asarray(self.embedding, self.dtype), ("vocab", None))
+
+    def __call__(self, tokens: Array) -> Array:
+        return constrain(jnp.take(self._gathered(), tokens, axis=0), BATCH_LENGTH_EMBED)
+
+    def attend(self, x: Array) -> Array:
+        return jnp.einsum("...d,vd->...v", x, self._gathered())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import einops
 import flax.linen as nn
 import gin
 import jax
@@ -160,8 +161,8 @@ class ImageEmbedder(nn.Module):
                     kernel_init=layers.param_with_axes(nn.initializers.lecun_normal(),
                                                        (None, None, "conv_in", "embed")),
                     bias_init=layers.param_with_axes(nn.initializers.zeros_init(), ("embed",)), **kw)(x)
-        b, h, w, d = x.shape
-        x = x.reshape(b, h * w, d)
+        _, h, w, d = x.shape
+        x = einops.rearrange(x, "b h w d -> b (h w) d")
         if cfg.pos_embedding == "sincos2d":
             pos = layers.sincos_2d(h, w, d).astype(x.dtype)
         elif cfg.pos_embedding == "learned":
@@ -263,9 +264,8 @@ class SimVLM(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.token_embed = nn.Embed(
-            cfg.vocab_size, cfg.width, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-            embedding_init=layers.param_with_axes(nn.initializers.normal(1.0), ("vocab", "embed")))
+        self.token_embed = layers.Embed(cfg.vocab_size, cfg.width, dtype=cfg.compute_dtype,
+                                        param_dtype=cfg.params_dtype)
         self.encoder = Encoder(cfg, self.token_embed)
         self.decoder = Decoder(cfg, self.token_embed)
 
