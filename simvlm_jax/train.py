@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from simvlm_jax import checkpointing, partitioning
+from simvlm_jax import checkpointing, flops, partitioning
 from simvlm_jax.data import pipeline
 from simvlm_jax.models import simvlm
 from simvlm_jax.metric_writer import MetricWriter
@@ -37,6 +38,9 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    # Steps whose loss or gradients were NaN/Inf: the update was skipped.
+    nonfinite_total: jax.Array = 0
+    nonfinite_consecutive: jax.Array = 0
 
 
 def decay_mask(params: Any) -> Any:
@@ -106,22 +110,28 @@ def prefix_lm_loss(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, di
     The prefix never reaches the decoder's targets, so it is excluded by
     construction: loss = -E log P(x_{>=Tp} | x_{<Tp}).
     """
+    nll_sum, num_tokens, correct = token_stats(logits, targets)
+    denom = jnp.maximum(num_tokens, 1.0)
+    loss = nll_sum / denom
+    return loss, {"loss": loss, "token_accuracy": correct / denom, "num_target_tokens": num_tokens}
+
+
+def token_stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(sum of target-token NLL, number of target tokens, number argmax-correct); pad ignored."""
     weights = (targets > 0).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    num_tokens = weights.sum()
-    denom = jnp.maximum(num_tokens, 1.0)
-    loss = (nll * weights).sum() / denom
-    accuracy = ((jnp.argmax(logits, -1) == targets) * weights).sum() / denom
-    return loss, {"loss": loss, "token_accuracy": accuracy, "num_target_tokens": num_tokens}
+    correct = ((jnp.argmax(logits, -1) == targets) * weights).sum()
+    return (nll * weights).sum(), weights.sum(), correct
 
 
 class Trainer:
     """Holds the model, mesh, optimizer and the compiled sharded functions."""
 
     def __init__(self, model_config: simvlm.SimVLMConfig, mesh: jax.sharding.Mesh, total_steps: int,
-                 seed: int = 0):
+                 seed: int = 0, microbatches: int | None = None):
         self.config = model_config
+        self.microbatches = microbatches or gradient_accumulation()
         self.model = simvlm.SimVLM(model_config)
         self.mesh = mesh
         self.rules = partitioning.axis_rules()
@@ -131,7 +141,9 @@ class Trainer:
         def init_boxed(rng):
             variables = self.model.init({"params": rng, "dropout": rng}, simvlm.dummy_batch(model_config))
             params = variables["params"]
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+            zero = jnp.zeros((), jnp.int32)
+            return TrainState(step=zero, params=params, opt_state=self.tx.init(params),
+                              nonfinite_total=zero, nonfinite_consecutive=zero)
 
         with self.activate():
             abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
@@ -155,23 +167,75 @@ class Trainer:
         with self.activate():
             return self._init(jax.random.key(self.seed))
 
+    def _grads(self, params, batch, rng):
+        """Summed-NLL gradients, token count and stats; microbatched with lax.scan if asked."""
+        def loss_fn(params, mb, rng):
+            logits = self.model.apply({"params": params}, mb, deterministic=False, rngs={"dropout": rng})
+            nll_sum, n, correct = token_stats(logits, mb["target_tokens"])
+            return nll_sum, (n, correct)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        k = self.microbatches
+        if k == 1:
+            (nll_sum, (n, correct)), grads = grad_fn(params, batch, rng)
+            return grads, nll_sum, n, correct
+        # Microbatch i takes rows i::k, so every device keeps an equal share of each one.
+        def split(x):
+            if x.shape[0] % k:
+                raise ValueError(f"global batch {x.shape[0]} is not divisible by gradient_accumulation "
+                                 f"microbatches={k}")
+            x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+            return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
+        micro = jax.tree_util.tree_map(split, batch)
+
+        def body(carry, xs):
+            acc, nll_acc, n_acc, c_acc = carry
+            i, mb = xs
+            (nll_sum, (n, correct)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+            acc = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), acc, g)
+            return (acc, nll_acc + nll_sum, n_acc + n, c_acc + correct), None
+
+        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+        (grads, nll_sum, n, correct), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
+        return grads, nll_sum, n, correct
+
     def _train_step(self, state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.key(self.seed + 1), state.step)
-
-        def loss_fn(params):
-            logits = self.model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng})
-            return prefix_lm_loss(logits, batch["target_tokens"])
-
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grads, nll_sum, n, correct = self._grads(state.params, batch, rng)
+        denom = jnp.maximum(n, 1.0)
+        # d(mean NLL over all target tokens of the global batch) = d(sum) / count: equal to
+        # the big-batch gradient whatever the number of microbatches.
+        grads = jax.tree_util.tree_map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+        loss = nll_sum / denom
+        grad_norm = optax.global_norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads),
-                   "learning_rate": self.lr_schedule(state.step)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        # NaN/Inf: keep the old params and optimizer state and count the skip.
+        finite = jnp.logical_and(jnp.isfinite(loss), jnp.isfinite(grad_norm))
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+        bad = 1 - finite.astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+            nonfinite_total=state.nonfinite_total + bad,
+            nonfinite_consecutive=(state.nonfinite_consecutive + 1) * bad)
+        metrics = {"loss": loss, "token_accuracy": correct / denom, "num_target_tokens": n,
+                   "grad_norm": grad_norm, "learning_rate": self.lr_schedule(state.step),
+                   "nonfinite_total": new_state.nonfinite_total,
+                   "nonfinite_consecutive": new_state.nonfinite_consecutive}
+        return new_state, metrics
 
     def step(self, state: TrainState, batch: dict[str, jax.Array]):
         with self.activate():
             return self._step(state, batch)
+
+
+@gin.configurable
+def gradient_accumulation(microbatches: int = 1) -> int:
+    """Number of microbatches each global batch is split into (lax.scan over them)."""
+    if microbatches < 1:
+        raise ValueError(f"gradient_accumulation.microbatches={microbatches} must be >= 1")
+    return microbatches
 
 
 def _fmt_time(seconds: float) -> str:
@@ -182,10 +246,17 @@ def _fmt_time(seconds: float) -> str:
 @gin.configurable
 def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int = gin.REQUIRED,
           seed: int = 0, log_every: int = 50, mesh: jax.sharding.Mesh | None = None,
-          model_config: simvlm.SimVLMConfig | None = None) -> dict[str, Any]:
+          model_config: simvlm.SimVLMConfig | None = None, max_consecutive_nonfinite: int = 10,
+          loss_spike_factor: float = 3.0, profile_steps: tuple[int, int] | None = None,
+          eval_every: int = 0, eval_fn: Callable[[Any, int], dict] | None = None) -> dict[str, Any]:
     """Trains for `num_steps`, resuming from the latest checkpoint in `work_dir`.
 
-    Returns a summary dict (final step, last metrics, checkpoint dir).
+    Logs loss terms, grad norm, lr, examples/s, tokens/s, step time and MFU every
+    `log_every` steps; skips NaN/Inf updates and stops after
+    `max_consecutive_nonfinite` in a row; warns when the loss exceeds
+    `loss_spike_factor` x its running mean; traces steps [a, b) with the JAX
+    profiler if `profile_steps=(a, b)`; calls `eval_fn(params, step)` every
+    `eval_every` steps. Returns a summary (final step, last metrics, checkpoint dir).
     """
     os.makedirs(work_dir, exist_ok=True)
     model_config = model_config or simvlm.SimVLMConfig()
@@ -208,34 +279,65 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
         log.info("Resumed from %s at step %d", manager.directory, start)
     writer.write_config(gin.config_str(), dict(mesh.shape), count_params(state.params))
 
+    flops_per_example = flops.simvlm_train_flops_per_example(model_config)
+    peak = flops.peak_flops_per_device()
+    tokens_per_example = model_config.num_image_tokens + model_config.max_prefix_len + model_config.max_target_len
+
     stop = {"signal": None}
     def on_signal(signum, _):  # preemption: finish the step, checkpoint, exit
         stop["signal"] = signum
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     metrics_host: dict[str, float] = {}
-    t_start, t_window, ex_window = time.time(), time.time(), 0
+    loss_ema = None
+    t_start, t_window, steps_window = time.time(), time.time(), 0
     step = start
     try:
         for step in range(start, num_steps):
+            if profile_steps and step == profile_steps[0]:
+                jax.profiler.start_trace(os.path.join(work_dir, "profile"))
             batch = partitioning.host_batch_to_global(next(data_iter), mesh)
             state, metrics = trainer.step(state, batch)
-            ex_window += global_batch_size
+            steps_window += 1
             done = step + 1
+            if profile_steps and done == profile_steps[1]:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                log.info("Wrote a profiler trace of steps %s to %s/profile", profile_steps, work_dir)
             if done % log_every == 0 or done == num_steps or done == start + 1:
                 metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.time() - t_window
-                metrics_host["examples_per_sec"] = ex_window / max(elapsed, 1e-9)
+                step_time = elapsed / max(steps_window, 1)
+                ex_per_sec = global_batch_size / step_time
+                metrics_host.update(step_time_sec=step_time, examples_per_sec=ex_per_sec,
+                                    tokens_per_sec=ex_per_sec * tokens_per_example)
+                if peak and done != start + 1:
+                    metrics_host["mfu"] = flops_per_example * ex_per_sec / (peak * jax.device_count())
                 metrics_host.update({f"data/skipped_{k}": v for k, v in pipeline.skipped_counts().items()})
                 writer.write_scalars(done, metrics_host)
                 rate = (done - start) / max(time.time() - t_start, 1e-9)
                 eta = (num_steps - done) / max(rate, 1e-9)
+                mfu = f" | MFU {metrics_host['mfu']:.1%}" if "mfu" in metrics_host else ""
                 writer.progress(f"step {done}/{num_steps} loss {metrics_host['loss']:.4f} "
                                 f"acc {metrics_host['token_accuracy']:.3f} "
                                 f"lr {metrics_host['learning_rate']:.2e} | "
-                                f"{metrics_host['examples_per_sec']:.0f} ex/s | ETA {_fmt_time(eta)}")
-                t_window, ex_window = time.time(), 0
+                                f"{ex_per_sec:.0f} ex/s{mfu} | ETA {_fmt_time(eta)}")
+                t_window, steps_window = time.time(), 0
+                loss = metrics_host["loss"]
+                if math.isfinite(loss):
+                    if loss_ema is not None and loss > loss_spike_factor * loss_ema:
+                        log.warning("Loss spike at step %d: %.4f vs running mean %.4f", done, loss, loss_ema)
+                    loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
+                if metrics_host["nonfinite_consecutive"] >= max_consecutive_nonfinite:
+                    raise FloatingPointError(
+                        f"{int(metrics_host['nonfinite_consecutive'])} consecutive steps with NaN/Inf loss or "
+                        f"gradients (last at step {done}); updates were skipped, so the last checkpoint in "
+                        f"{manager.directory} is clean. Lower make_optimizer.learning_rate, check the data, "
+                        f"or raise train.max_consecutive_nonfinite.")
             checkpointing.save(manager, done, state, data_iter, force=(done == num_steps))
+            if eval_fn is not None and eval_every and done % eval_every == 0:
+                writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_fn(state.params, done).items()
+                                            if isinstance(v, (int, float))})
             if stop["signal"] is not None:
                 checkpointing.save(manager, done, state, data_iter, force=True)
                 log.warning("Received signal %d: saved checkpoint at step %d, exiting.", stop["signal"], done)
