@@ -78,6 +78,9 @@ def load_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequen
         if found is None:
             raise UserError(f"gin file not found: {f}")
         resolved.append(found)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL)  # gin logs an ERROR for each include search-path miss
     try:
         gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
     except (ValueError, KeyError, SyntaxError, IOError) as e:
@@ -86,6 +89,8 @@ def load_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequen
         bad = next((b for b in bindings if b.split("=", 1)[0].strip() in text), None)
         where = f" (from --gin.{bad})" if bad else ""
         raise UserError(f"bad gin config{where}: {text}") from None
+    finally:
+        root.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,112 @@
+"""Benchmarks that print numbers: `python -m simvlm_jax.benchmark memory --gin_file=...`.
+
+memory   Compiles the sharded train step ahead of time (no training, no data)
+         for a config and mesh and prints per-device bytes of params, optimizer
+         state and XLA temporaries. `--devices N` compiles for N simulated host
+         devices, so a config can be checked against a target device count and
+         per-device memory (`--hbm_gib`) without the hardware. The last stdout
+         line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+
+def _shard_bytes(tree: Any) -> tuple[int, int]:
+    """(bytes on the most loaded device, total bytes) of abstract arrays with shardings."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    per_device: dict[Any, int] = {}
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        itemsize = np.dtype(leaf.dtype).itemsize
+        total += int(np.prod(leaf.shape)) * itemsize
+        for device, index in leaf.sharding.devices_indices_map(leaf.shape).items():
+            n = 1
+            for sl, dim in zip(index, leaf.shape):
+                start, stop, _ = sl.indices(dim)
+                n *= stop - start
+            per_device[device] = per_device.get(device, 0) + n * itemsize
+    return max(per_device.values(), default=0), total
+
+
+def memory(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
+    from simvlm_jax import main as cli  # pylint: disable=g-import-not-at-top
+    cli.load_gin(args.gin_file, bindings, args.gin_search_path)
+    import gin  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    from simvlm_jax import partitioning, train  # pylint: disable=g-import-not-at-top
+    from simvlm_jax.models import simvlm  # pylint: disable=g-import-not-at-top
+
+    cfg = simvlm.SimVLMConfig()
+    mesh = partitioning.make_mesh()
+    batch_size = args.batch_size or gin.query_parameter("train.global_batch_size")
+    trainer = train.Trainer(cfg, mesh, total_steps=1000)
+    abstract_batch = {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype, sharding=trainer.batch_shardings[k])
+                      for k, v in simvlm.dummy_batch(cfg).items()}
+    with trainer.activate():
+        compiled = trainer._step.lower(trainer.abstract_state, abstract_batch).compile()  # pylint: disable=protected-access
+    stats = compiled.memory_analysis()
+    params_dev, params_total = _shard_bytes(trainer.abstract_state.params)
+    opt_dev, opt_total = _shard_bytes(trainer.abstract_state.opt_state)
+    n = jax.device_count()
+    gib = 1024 ** 3
+    result = {
+        "devices": n, "mesh": dict(mesh.shape), "global_batch_size": batch_size,
+        "num_params": train.count_params(trainer.abstract_state.params),
+        "params_bytes_per_device": params_dev, "opt_state_bytes_per_device": opt_dev,
+        "params_plus_opt_total_bytes": params_total + opt_total,
+        "params_plus_opt_ratio_to_ideal": (params_dev + opt_dev) / ((params_total + opt_total) / n),
+        "argument_bytes_per_device": getattr(stats, "argument_size_in_bytes", None),
+        "output_bytes_per_device": getattr(stats, "output_size_in_bytes", None),
+        "temp_bytes_per_device": getattr(stats, "temp_size_in_bytes", None),
+    }
+    peak = (result["argument_bytes_per_device"] or 0) + (result["temp_bytes_per_device"] or 0)
+    result["estimated_peak_bytes_per_device"] = peak
+    if args.hbm_gib:
+        result["hbm_gib"] = args.hbm_gib
+        result["fits"] = peak <= args.hbm_gib * gib
+    print(f"{n} devices, mesh {dict(mesh.shape)}, batch {batch_size}, {result['num_params']:,} params", file=sys.stderr)
+    print(f"  per device: params {params_dev / gib:.3f} GiB, optimizer {opt_dev / gib:.3f} GiB "
+          f"({result['params_plus_opt_ratio_to_ideal']:.3f} x the ideal total/{n}), "
+          f"temporaries {(result['temp_bytes_per_device'] or 0) / gib:.3f} GiB", file=sys.stderr)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m simvlm_jax.benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["memory"])
+    parser.add_argument("--gin_file", action="append", default=[])
+    parser.add_argument("--gin_search_path", action="append", default=[])
+    parser.add_argument("--devices", type=int, default=0,
+                        help="compile for this many simulated CPU devices (set before JAX starts)")
+    parser.add_argument("--batch_size", type=int, default=0, help="global batch (default: train.global_batch_size)")
+    parser.add_argument("--hbm_gib", type=float, default=0.0, help="per-device memory budget to check against")
+    args, rest = parser.parse_known_args(argv)
+    bindings = [r[len("--gin."):] for r in rest if r.startswith("--gin.")]
+    unknown = [r for r in rest if not r.startswith("--gin.")]
+    if unknown:
+        print(f"error: unknown argument(s) {' '.join(unknown)}", file=sys.stderr)
+        return 2
+    if args.devices:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}")
+    from simvlm_jax.main import UserError  # pylint: disable=g-import-not-at-top
+    try:
+        result = memory(args, bindings)
+    except (UserError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
