@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import gin
+from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -20,18 +21,24 @@ import orbax.checkpoint as ocp
 @gin.configurable
 def make_manager(work_dir: str, save_every: int = 500, keep: int = 3, keep_every: int | None = None,
                  async_save: bool = True) -> ocp.CheckpointManager:
-    """CheckpointManager saving every `save_every` steps, keeping the last `keep`
-    (and every `keep_every`-th step forever, if set)."""
+    """CheckpointManager saving every `save_every` steps (and the first step of a run),
+    keeping the last `keep` and every `keep_every`-th step forever, if set. Saves are
+    asynchronous: training continues while orbax writes."""
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_every, max_to_keep=keep, keep_period=keep_every,
         enable_async_checkpointing=async_save, create=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(work_dir, "checkpoints")),
-                                 options=options, item_names=("state", "data"))
+    directory = os.path.join(work_dir, "checkpoints")
+    if "://" not in directory:  # local path; gs:// etc. go to orbax as they are
+        directory = os.path.abspath(directory)
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any | None,
          force: bool = False) -> bool:
-    """Saves if the manager's policy (or `force`) says so; returns whether it saved."""
+    """Saves if the manager's policy (or `force`) says so; returns whether it saved.
+    A step that is already saved is not saved again."""
+    if step in manager.all_steps():
+        return False
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -57,8 +64,8 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: 
 
 
 def _saved_items(manager: ocp.CheckpointManager, step: int) -> set[str]:
-    path = os.path.join(str(manager.directory), str(step))
-    return set(os.listdir(path)) if os.path.isdir(path) else set()
+    path = epath.Path(manager.directory) / str(step)
+    return {p.name for p in path.iterdir()} if path.exists() else set()
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

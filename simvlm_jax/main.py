@@ -34,7 +34,11 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--gin_search_path", action="append", default=[],
                         help=f"extra directories for gin files/includes (always has {GIN_DIR})")
     parser.add_argument("--multihost", action="store_true",
-                        help="call jax.distributed.initialize() (TPU VM / SLURM / JAX_COORDINATOR_ADDRESS env)")
+                        help="call jax.distributed.initialize(): auto-detected on TPU VMs and SLURM, "
+                             "or from the three flags below")
+    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
     parser.add_argument("--print_json", action="store_true", help="print a JSON summary as the last line")
     args, rest = parser.parse_known_args(argv)
     bindings, unknown = [], []
@@ -93,6 +97,18 @@ def load_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequen
         root.setLevel(level)
 
 
+def init_distributed(coordinator_address: str | None, num_processes: int | None,
+                     process_id: int | None) -> None:
+    """Multi-process start-up; CPU processes talk through gloo (used by the tests)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or "force_host_platform" in os.environ.get("XLA_FLAGS", ""):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+    logging.info("Process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -101,9 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             datefmt="%H:%M:%S")
         for noisy in ("absl", "orbax", "jax._src"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-        if args.multihost:
-            import jax  # pylint: disable=g-import-not-at-top
-            jax.distributed.initialize()
+        if args.multihost or args.coordinator_address:
+            init_distributed(args.coordinator_address, args.num_processes, args.process_id)
         load_gin(args.gin_file, bindings, args.gin_search_path)
         from simvlm_jax import experiment  # pylint: disable=g-import-not-at-top
         t0 = time.time()
@@ -115,9 +130,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:
-        # Config values rejected by our own validation carry a message naming the setting.
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, FloatingPointError) as e:
+        # Config values rejected by validation name the setting; a diverged run says so.
+        # SIMVLM_DEBUG=1 re-raises with the traceback.
+        if os.environ.get("SIMVLM_DEBUG"):
+            raise
+        msg = " ".join(str(e).split())
+        print(f"error: {type(e).__name__}: {msg}" if isinstance(e, TypeError) else f"error: {msg}",
+              file=sys.stderr)
         return 2
     if args.print_json:
         print(json.dumps(summary, default=_json_default))

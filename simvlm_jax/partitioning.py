@@ -82,9 +82,65 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     return Mesh(arr, MESH_AXES)
 
 
+def logical_specs(abstract_boxed: Any) -> Any:
+    """Logical PartitionSpecs of a boxed (nn.with_logical_partitioning) pytree.
+
+    Unannotated leaves (step counters, ...) are replicated; optax MaskedNodes
+    (frozen params' absent optimizer state) are kept as empty subtrees.
+    """
+    import optax  # pylint: disable=g-import-not-at-top
+    masked = optax.MaskedNode
+
+    def spec(x):
+        if isinstance(x, nn.meta.AxisMetadata):
+            value = x.unbox()
+            if isinstance(value, masked):  # a frozen param's (absent) optimizer state
+                return masked()
+            spec = x.get_partition_spec()
+            # Optimizer statistics that change rank (Adafactor's factored row/column
+            # moments) inherit the param's box but not its dims: replicate them (tiny).
+            return spec if len(spec) == getattr(value, "ndim", len(spec)) else P()
+        if isinstance(x, masked):
+            return x
+        return P()
+
+    return jax.tree_util.tree_map(spec, abstract_boxed,
+                                  is_leaf=lambda x: isinstance(x, (nn.meta.AxisMetadata, masked)))
+
+
 def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules=None) -> Any:
     """Maps a pytree of logical PartitionSpecs to NamedShardings on `mesh`."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules or axis_rules())
+    import optax  # pylint: disable=g-import-not-at-top
+    rules = rules or axis_rules()
+
+    def to_sharding(spec):
+        if isinstance(spec, optax.MaskedNode):
+            return spec
+        return NamedSharding(mesh, nn.logical_to_mesh_axes(spec, rules))
+
+    return jax.tree_util.tree_map(to_sharding, logical_specs,
+                                  is_leaf=lambda x: isinstance(x, (P, optax.MaskedNode)))
+
+
+def fit_to_shapes(shardings: Any, abstract: Any) -> Any:
+    """Drops the sharding of any dimension its mesh axes do not divide (e.g. a vocab of
+    32001 over tensor=2, or Adafactor's (1,)-shaped factored moments): that dim is
+    replicated instead of failing at placement time."""
+    import optax  # pylint: disable=g-import-not-at-top
+
+    def fit(sharding, x):
+        if not isinstance(sharding, NamedSharding):
+            return sharding
+        spec = list(sharding.spec) + [None] * (len(x.shape) - len(sharding.spec))
+        fitted = []
+        for dim, axes in zip(x.shape, spec):
+            names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+            ways = math.prod(sharding.mesh.shape[a] for a in names)
+            fitted.append(axes if dim % ways == 0 else None)
+        return NamedSharding(sharding.mesh, P(*fitted))
+
+    return jax.tree_util.tree_map(fit, shardings, abstract,
+                                  is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

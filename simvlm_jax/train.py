@@ -147,8 +147,10 @@ class Trainer:
 
         with self.activate():
             abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
-            self.state_logical_specs = nn.get_partition_spec(abstract_boxed)
-            self.state_shardings = partitioning.logical_to_sharding(self.state_logical_specs, mesh, self.rules)
+            self.state_logical_specs = partitioning.logical_specs(abstract_boxed)
+            self.state_shardings = partitioning.fit_to_shapes(
+                partitioning.logical_to_sharding(self.state_logical_specs, mesh, self.rules),
+                nn.meta.unbox(abstract_boxed))
         self.abstract_state = checkpointing.abstract_like(nn.meta.unbox(abstract_boxed), self.state_shardings)
         self._init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=self.state_shardings)
         batch_shardings = {k: partitioning.batch_sharding(mesh, v.ndim)
@@ -212,7 +214,7 @@ class Trainer:
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # NaN/Inf: keep the old params and optimizer state and count the skip.
-        finite = jnp.logical_and(jnp.isfinite(loss), jnp.isfinite(grad_norm))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
         bad = 1 - finite.astype(jnp.int32)
         new_state = state.replace(

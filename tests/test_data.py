@@ -255,10 +255,6 @@ def test_prefix_lm_split_text_only(dataset, vocab):
     assert pp.skipped_counts()["text_too_short"] == before + 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PrefixLMSplit picks the split point without regard to max_target_len: a text that Tokenize "
-    "truncated to max_prefix_len + max_target_len tokens (so it fits both halves) still loses its "
-    "tail and EOS whenever len - k > max_target_len"))
 def test_prefix_lm_split_keeps_every_token_that_fits():
     rng = np.random.default_rng(0)
     p, t = 4, 6

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 
 import flax.linen as nn
 import gin
@@ -322,13 +323,17 @@ def _read_metrics(work_dir):
         return [json.loads(line) for line in f]
 
 
-def test_train_end_to_end_and_resume(dataset, data_mixture, mesh_2x4, tmp_path, clean_gin, caplog):
-    gin.bind_parameter("make_train_iterator.mixture_or_task_name", data_mixture)
+def _bind_train_gin(mixture, save_every):
+    gin.bind_parameter("make_train_iterator.mixture_or_task_name", mixture)
     gin.bind_parameter("make_train_iterator.num_threads", 1)
     gin.bind_parameter("make_train_iterator.prefetch_buffer_size", 2)
-    gin.bind_parameter("make_manager.save_every", 2)
+    gin.bind_parameter("make_manager.save_every", save_every)
     gin.bind_parameter("make_manager.async_save", False)
     _bind_optimizer()
+
+
+def test_train_end_to_end_and_resume(dataset, data_mixture, mesh_2x4, tmp_path, clean_gin, caplog):
+    _bind_train_gin(data_mixture, save_every=2)
     work_dir = str(tmp_path / "run")
     cfg = tiny_config()
     kw = dict(global_batch_size=GLOBAL_BATCH, mesh=mesh_2x4, model_config=cfg, log_every=1)
@@ -366,3 +371,31 @@ def test_train_rejects_indivisible_batch(mesh_2x4, tmp_path, clean_gin):
     with pytest.raises(ValueError, match="global_batch_size"):
         train.train(str(tmp_path), num_steps=1, global_batch_size=6, mesh=mesh_2x4,
                     model_config=tiny_config())
+
+
+def _sigterm_at(step_to_signal):
+    """An `eval_fn` hook that sends this process SIGTERM (a preemption) after step `step_to_signal`."""
+    def eval_fn(params, step):
+        if step == step_to_signal:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+    return eval_fn
+
+
+def test_preemption_signal_saves_and_stops(data_mixture, mesh_2x4, tmp_path, clean_gin):
+    _bind_train_gin(data_mixture, save_every=100)
+    work_dir = str(tmp_path / "run")
+    out = train.train(work_dir, num_steps=6, global_batch_size=GLOBAL_BATCH, mesh=mesh_2x4,
+                      model_config=tiny_config(), log_every=100, eval_every=1, eval_fn=_sigterm_at(3))
+    assert out["step"] == 3
+    assert 3 in _ckpt_steps(out["checkpoint_dir"]) and max(_ckpt_steps(out["checkpoint_dir"])) == 3
+    assert signal.getsignal(signal.SIGTERM) is not None  # the old handler is back
+
+
+def test_preemption_signal_on_a_checkpoint_step(data_mixture, mesh_2x4, tmp_path, clean_gin):
+    _bind_train_gin(data_mixture, save_every=2)
+    work_dir = str(tmp_path / "run")
+    out = train.train(work_dir, num_steps=6, global_batch_size=GLOBAL_BATCH, mesh=mesh_2x4,
+                      model_config=tiny_config(), log_every=100, eval_every=1, eval_fn=_sigterm_at(2))
+    assert out["step"] == 2
+    assert max(_ckpt_steps(out["checkpoint_dir"])) == 2

@@ -151,7 +151,9 @@ class PrefixLMSplit(grain.transforms.RandomMap):
     uniformly random leading slice of 1..`max_prefix_len` text tokens; otherwise
     the whole caption is the target (plain captioning).
     text-only: the split point is uniform over 1..len-1, so both sides are
-    non-empty. The target always keeps >= 1 token.
+    non-empty. The target always keeps >= 1 token, and the split point is never so
+    early that the target (with its EOS) would overflow `max_target_len`
+    (`Tokenize` caps texts at max_prefix_len + max_target_len, so one always fits).
     """
     max_prefix_len: int
     max_target_len: int
@@ -163,13 +165,15 @@ class PrefixLMSplit(grain.transforms.RandomMap):
         tokens = ex.pop("tokens")
         n = len(tokens)
         max_k = min(self.max_prefix_len, n - 1)
-        if ex["has_image"]:
-            k = int(rng.integers(1, max_k + 1)) if (max_k >= 1 and rng.random() < self.text_prefix_prob) else 0
+        min_k = max(0 if ex["has_image"] else 1, n - self.max_target_len)
+        if min_k > max_k:
+            skip("text_too_short" if n < 2 else "text_too_long")
+            return None
+        if ex["has_image"] and min_k == 0:
+            use_prefix = max_k >= 1 and rng.random() < self.text_prefix_prob
+            k = int(rng.integers(1, max_k + 1)) if use_prefix else 0
         else:
-            if max_k < 1:
-                skip("text_too_short")
-                return None
-            k = int(rng.integers(1, max_k + 1))
+            k = int(rng.integers(max(min_k, 1), max_k + 1))
         ex = {k_: v for k_, v in ex.items() if k_ != "text"}
         ex["prefix_tokens"] = pad_to(tokens[:k], self.max_prefix_len)
         ex["target_tokens"] = pad_to(tokens[k:], self.max_target_len)
