@@ -161,4 +161,6 @@ def evaluate_captioning(model: simvlm.SimVLM, params: Any, vocab, mesh: jax.shar
                                      {k: v for k, v in summary.items() if isinstance(v, float)},
                                      f"Zero-shot captioning (prompt: {prompt!r})")
     log.info("eval: %s", caption_metrics.format_metrics(result))
+    out["samples"] = [{"image": e["image"], "prediction": p, "references": e["references"]}
+                      for e, p in list(zip(examples, preds))[:8]]
     return out

@@ -54,6 +54,12 @@ def register_data(registrations: Sequence[Any] = ()) -> list[Any]:
 
 
 @gin.configurable
+def eval_hook_overrides(max_examples: int | None = 256, with_constant_baseline: bool = False) -> dict:
+    """Cheaper settings for evals during training (`train.eval_every`)."""
+    return {"max_examples": max_examples, "with_constant_baseline": with_constant_baseline}
+
+
+@gin.configurable
 def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None = None,
         export_dir: str | None = None, export_dtype: str | None = None,
         eval_from_export: bool = False) -> dict[str, Any]:
@@ -73,7 +79,15 @@ def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None
     state = trainer = None
     if "train" in modes:
         register_data()
-        result = train.train(work_dir, mesh=mesh, model_config=model_config)
+        model = simvlm.SimVLM(model_config)
+
+        def eval_during_training(params, step):
+            """Captioning eval hook (train.eval_every); images + captions go to TensorBoard."""
+            out = evaluate.evaluate_captioning(model, params, vocab, mesh,
+                                               os.path.join(eval_dir, f"step_{step}"), **eval_hook_overrides())
+            return {**out["metrics"], "samples": out["samples"]}
+
+        result = train.train(work_dir, mesh=mesh, model_config=model_config, eval_fn=eval_during_training)
         state, trainer = result["state"], result["trainer"]
         summary.update(step=result["step"], checkpoint_dir=result["checkpoint_dir"],
                        train_loss=result["metrics"].get("loss"))

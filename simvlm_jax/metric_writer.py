@@ -45,6 +45,10 @@ class MetricWriter:
         if self.enabled and self._tb:
             self._tb.add_image(tag, image_hwc, step, dataformats="HWC")
 
+    def write_text(self, tag: str, step: int, text: str) -> None:
+        if self.enabled and self._tb:
+            self._tb.add_text(tag, text, step)
+
     def progress(self, line: str) -> None:
         if self.enabled:
             print(line, file=sys.stderr, flush=True)

@@ -56,29 +56,44 @@ def axis_rules(overrides: Sequence[tuple[str, Any]] = ()) -> tuple[tuple[str, An
 
 
 @gin.configurable
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn_data: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds a ('data', 'fsdp', 'tensor') mesh; one axis may be -1 ("the rest")."""
+    """Builds a ('data', 'fsdp', 'tensor') mesh; one axis may be -1 ("the rest").
+
+    `dcn_data > 1` makes a multi-slice / multi-node mesh: the 'data' axis becomes
+    dcn_data (over the slow network between slices or hosts) x data (inside each),
+    while 'fsdp' and 'tensor' stay inside a slice/host on the fast interconnect.
+    """
     devices = list(devices if devices is not None else jax.devices())
+    if dcn_data < 1 or len(devices) % dcn_data:
+        raise ValueError(f"make_mesh.dcn_data={dcn_data} must be >= 1 and divide the {len(devices)} devices")
+    per_slice = len(devices) // dcn_data
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError(f"make_mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
-    known = math.prod(s for s in sizes if s != -1)
     if any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"make_mesh: mesh axis sizes must be positive or -1, got {sizes}")
+    known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"make_mesh: {len(devices)} devices are not divisible by {known} "
+        if per_slice % known:
+            raise ValueError(f"make_mesh: {per_slice} devices per slice are not divisible by {known} "
                              f"(data={data}, fsdp={fsdp}, tensor={tensor})")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(f"make_mesh: data*fsdp*tensor = {math.prod(sizes)} but there are "
-                         f"{len(devices)} devices; set one axis to -1 to use the rest")
-    try:  # topology-aware device order on TPU/GPU
-        from jax.experimental import mesh_utils
-        arr = mesh_utils.create_device_mesh(sizes, devices=devices)
-    except Exception:  # pylint: disable=broad-except
-        arr = np.asarray(devices).reshape(sizes)
+        sizes[sizes.index(-1)] = per_slice // known
+    if math.prod(sizes) != per_slice:
+        raise ValueError(f"make_mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {per_slice} "
+                         f"devices per slice ({len(devices)} devices / dcn_data={dcn_data}); set one "
+                         f"axis to -1 to use the rest")
+    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+    if dcn_data > 1:
+        # Slices are TPU slices (device.slice_index) or, elsewhere, processes (hosts).
+        granule_is_process = not hasattr(devices[0], "slice_index")
+        arr = mesh_utils.create_hybrid_device_mesh(
+            sizes, [dcn_data, 1, 1], devices=devices, process_is_granule=granule_is_process)
+    else:
+        try:  # topology-aware device order on TPU/GPU
+            arr = mesh_utils.create_device_mesh(sizes, devices=devices)
+        except Exception:  # pylint: disable=broad-except
+            arr = np.asarray(devices).reshape(sizes)
     return Mesh(arr, MESH_AXES)
 
 

@@ -338,8 +338,13 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
                         f"or raise train.max_consecutive_nonfinite.")
             checkpointing.save(manager, done, state, data_iter, force=(done == num_steps))
             if eval_fn is not None and eval_every and done % eval_every == 0:
-                writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_fn(state.params, done).items()
+                eval_out = eval_fn(state.params, done)
+                writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_out.items()
                                             if isinstance(v, (int, float))})
+                for i, sample in enumerate(eval_out.get("samples", [])):
+                    writer.write_image(f"eval/sample_{i}", done, sample["image"])
+                    writer.write_text(f"eval/sample_{i}", done, f"**{sample['prediction']}**  \n"
+                                      + "  \n".join(sample["references"]))
             if stop["signal"] is not None:
                 checkpointing.save(manager, done, state, data_iter, force=True)
                 log.warning("Received signal %d: saved checkpoint at step %d, exiting.", stop["signal"], done)

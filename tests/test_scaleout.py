@@ -83,8 +83,11 @@ def test_two_processes_match_one_process(prepared_data, reference_run, tmp_path)
     """2 processes x 4 CPU devices == 1 process x 8 devices (same global batch and seed)."""
     work = str(tmp_path / "mh")
     port = _free_port()
+    # dcn_data=2: a multi-node mesh whose outer data axis spans the two processes
+    # (2 x data 2 = the reference's data 4), fsdp inside each process.
     procs = [subprocess.Popen(_cli_args(prepared_data, work, 6) + [
-        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+        "--gin.make_mesh.dcn_data=2", "--gin.make_mesh.data=2", "--gin.make_mesh.fsdp=2"],
         cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
@@ -153,6 +156,39 @@ def test_nonfinite_updates_are_skipped_then_run_stops(prepared_data, tmp_path):
         restored = ocp.StandardCheckpointer().restore(os.path.join(ckpt_root, step, "state"))
         for leaf in jax.tree_util.tree_leaves(restored["params"]):
             assert np.isfinite(np.asarray(leaf)).all()
+
+
+def test_eval_hook_profiler_and_keep_every(prepared_data, tmp_path):
+    """train.eval_every runs captioning evals (TensorBoard images + metrics), profile_steps
+    writes a trace, and keep_every keeps every N-th checkpoint beyond the last `keep`."""
+    work = str(tmp_path / "hooks")
+    res = subprocess.run(_cli_args(prepared_data, work, 4, [
+        "--gin.train.eval_every=2", "--gin.eval_hook_overrides.max_examples=8",
+        "--gin.train.profile_steps=(2, 3)", "--gin.make_manager.keep=1", "--gin.make_manager.keep_every=2",
+        "--gin.make_manager.async_save=False"]), cwd=ROOT, env=_env(8), capture_output=True, timeout=600)
+    assert res.returncode == 0, res.stderr.decode()[-3000:]
+    for step in (2, 4):
+        with open(os.path.join(work, "eval", f"step_{step}", "metrics.json")) as f:
+            assert json.load(f)["metrics"]["num_images"] == 8
+    evals = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl")) if "eval/cider" in l]
+    assert [e["step"] for e in evals] == [2, 4]
+    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    from tensorboardX.event_file_writer import EventFileWriter  # noqa: F401  pylint: disable=unused-import
+    import struct  # pylint: disable=g-import-not-at-top
+    tags = set()
+    tb_dir = os.path.join(work, "tensorboard")
+    for name in os.listdir(tb_dir):
+        data = open(os.path.join(tb_dir, name), "rb").read()
+        pos = 0
+        while pos + 12 <= len(data):  # TFRecord framing: len, crc, payload, crc
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            tags.update(v.tag for v in event.summary.value)
+            pos += 12 + length + 4
+    assert "eval/sample_0" in tags and "loss" in tags
+    assert any(files for _, _, files in os.walk(os.path.join(work, "profile")))
+    steps = sorted(int(s) for s in os.listdir(os.path.join(work, "checkpoints")) if s.isdigit())
+    assert 4 in steps and 2 in steps and 3 not in steps
 
 
 def test_memory_benchmark_fsdp_shards_params_and_optimizer(tmp_path):
