@@ -86,7 +86,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn_data: int = 1,
     from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
     if dcn_data > 1:
         # Slices are TPU slices (device.slice_index) or, elsewhere, processes (hosts).
-        granule_is_process = not hasattr(devices[0], "slice_index")
+        num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+        granule_is_process = num_slices < dcn_data
         arr = mesh_utils.create_hybrid_device_mesh(
             sizes, [dcn_data, 1, 1], devices=devices, process_is_granule=granule_is_process)
     else:
