@@ -1,5 +1,9 @@
 """Benchmarks that print numbers: `python -m simvlm_jax.benchmark memory --gin_file=...`.
 
+step     Times the sharded train step on synthetic data (random images and
+         tokens) for a config and mesh: median step time, examples/s, tokens/s
+         and MFU from the analytic FLOP count (simvlm_jax.flops) against the
+         device's peak; also XLA's own FLOP count of the compiled step.
 memory   Compiles the sharded train step ahead of time (no training, no data)
          for a config and mesh and prints per-device bytes of params, optimizer
          state and XLA temporaries. `--devices N` compiles for N simulated host
@@ -77,11 +81,75 @@ def memory(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
     return result
 
 
+def step(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
+    import time  # pylint: disable=g-import-not-at-top
+    from simvlm_jax import main as cli  # pylint: disable=g-import-not-at-top
+    cli.load_gin(args.gin_file, bindings, args.gin_search_path, model_only=True)
+    import gin  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from simvlm_jax import flops, partitioning, train  # pylint: disable=g-import-not-at-top
+    from simvlm_jax.models import simvlm  # pylint: disable=g-import-not-at-top
+
+    cfg = simvlm.SimVLMConfig()
+    mesh = partitioning.make_mesh()
+    batch_size = args.batch_size or gin.query_parameter("train.global_batch_size")
+    trainer = train.Trainer(cfg, mesh, total_steps=10_000)
+    rng = np.random.default_rng(0)
+    host = {k: np.array(v) for k, v in simvlm.dummy_batch(cfg, batch_size).items()}
+    host["image"] = rng.integers(0, 256, host["image"].shape, dtype=np.uint8)
+    host["prefix_tokens"][:, : cfg.max_prefix_len // 2] = rng.integers(3, cfg.vocab_size, (batch_size, cfg.max_prefix_len // 2))
+    host["target_tokens"][:] = rng.integers(3, cfg.vocab_size, host["target_tokens"].shape)
+    batch = partitioning.host_batch_to_global(host, mesh)
+    t0 = time.perf_counter()
+    with trainer.activate():
+        compiled = trainer._step.lower(trainer.abstract_state, {k: jax.ShapeDtypeStruct(  # pylint: disable=protected-access
+            v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()}).compile()
+    compile_sec = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    state = trainer.init_state()
+    for _ in range(args.warmup):
+        state, metrics = trainer.step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        state, metrics = trainer.step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    step_sec = float(np.median(times))
+    ex_per_sec = batch_size / step_sec
+    per_example = flops.simvlm_train_flops_per_example(cfg)
+    peak = flops.peak_flops_per_device()
+    n = jax.device_count()
+    tokens = cfg.num_image_tokens + cfg.max_prefix_len + cfg.max_target_len
+    result = {
+        "device_kind": jax.devices()[0].device_kind, "devices": n, "mesh": dict(mesh.shape),
+        "global_batch_size": batch_size, "num_params": train.count_params(state.params),
+        "dtype": cfg.dtype, "attention_impl": cfg.attention_impl, "remat_policy": cfg.remat_policy,
+        "scan_layers": cfg.scan_layers, "compile_sec": round(compile_sec, 2),
+        "step_time_ms_median": step_sec * 1e3, "step_time_ms_min": min(times) * 1e3,
+        "examples_per_sec": ex_per_sec, "tokens_per_sec": ex_per_sec * tokens,
+        "analytic_train_flops_per_example": per_example,
+        "xla_flops_per_step_per_device": float(cost.get("flops", 0.0)) if cost else None,
+        "achieved_tflops_per_device": per_example * ex_per_sec / n / 1e12,
+        "mfu": per_example * ex_per_sec / (peak * n) if peak else None,
+        "final_loss": float(metrics["loss"]),
+    }
+    mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a (unknown peak)"
+    print(f"{result['device_kind']} x{n}: {step_sec * 1e3:.1f} ms/step, {ex_per_sec:.1f} ex/s, "
+          f"{result['achieved_tflops_per_device']:.1f} TFLOP/s/device, MFU {mfu}", file=sys.stderr)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m simvlm_jax.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["memory"])
+    parser.add_argument("what", choices=["memory", "step"])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (step)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compile (step)")
     parser.add_argument("--gin_file", action="append", default=[])
     parser.add_argument("--gin_search_path", action="append", default=[])
     parser.add_argument("--devices", type=int, default=0,
@@ -100,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    f" --xla_force_host_platform_device_count={args.devices}")
     from simvlm_jax.main import UserError  # pylint: disable=g-import-not-at-top
     try:
-        result = memory(args, bindings)
+        result = memory(args, bindings) if args.what == "memory" else step(args, bindings)
     except (UserError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from simvlm_jax import partitioning
+
 
 @gin.configurable
 def make_manager(work_dir: str, save_every: int = 500, keep: int = 3, keep_every: int | None = None,
@@ -68,7 +70,4 @@ def _saved_items(manager: ocp.CheckpointManager, step: int) -> set[str]:
     return {p.name for p in path.iterdir()} if path.exists() else set()
 
 
-def abstract_like(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying the target shardings (what restore needs)."""
-    return jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+abstract_like = partitioning.abstract_like  # kept here for callers that restore

@@ -59,18 +59,26 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, bindings
 
 
-def _import_configurables() -> None:
+def _import_configurables(model_only: bool = False) -> None:
     # Importing registers every gin configurable a config may name.
-    from simvlm_jax import checkpointing, evaluate, partitioning, train  # noqa: F401
+    from simvlm_jax import partitioning, train  # noqa: F401
+    from simvlm_jax.models import simvlm  # noqa: F401
+    if model_only:
+        return
+    from simvlm_jax import checkpointing, evaluate  # noqa: F401
     from simvlm_jax.data import pipeline, tasks, tokenizer  # noqa: F401
     from simvlm_jax.models import simvlm  # noqa: F401
     from simvlm_jax import experiment  # noqa: F401
 
 
-def load_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
-    """Parses gin files + bindings, turning gin's errors into one-line UserErrors."""
+def load_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
+             model_only: bool = False) -> None:
+    """Parses gin files + bindings, turning gin's errors into one-line UserErrors.
+
+    `model_only` registers just the model/trainer configurables and ignores bindings of
+    the others (data, checkpoints, eval), so benchmarks run without TF/grain/seqio."""
     import gin  # pylint: disable=g-import-not-at-top
-    _import_configurables()
+    _import_configurables(model_only)
     for p in [GIN_DIR, *search_paths]:
         gin.add_config_file_search_path(p)
     if not files:
@@ -86,7 +94,8 @@ def load_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequen
     level = root.level
     root.setLevel(logging.CRITICAL)  # gin logs an ERROR for each include search-path miss
     try:
-        gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
+        gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False,
+                                            skip_unknown=model_only)
     except (ValueError, KeyError, SyntaxError, IOError) as e:
         msg = str(e).strip().splitlines()
         text = " ".join(line.strip() for line in msg if line.strip())[:400]

@@ -199,3 +199,11 @@ class activate:  # pylint: disable=invalid-name
     def __exit__(self, *exc):
         self._rules_ctx.__exit__(*exc)
         self.mesh.__exit__(*exc)
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying the target shardings (what AOT compile and restore need)."""
+    import optax  # pylint: disable=g-import-not-at-top
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode))

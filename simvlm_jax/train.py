@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from simvlm_jax import checkpointing, flops, partitioning
-from simvlm_jax.data import pipeline
+from simvlm_jax import flops, partitioning
 from simvlm_jax.models import simvlm
 from simvlm_jax.metric_writer import MetricWriter
 
@@ -151,7 +150,7 @@ class Trainer:
             self.state_shardings = partitioning.fit_to_shapes(
                 partitioning.logical_to_sharding(self.state_logical_specs, mesh, self.rules),
                 nn.meta.unbox(abstract_boxed))
-        self.abstract_state = checkpointing.abstract_like(nn.meta.unbox(abstract_boxed), self.state_shardings)
+        self.abstract_state = partitioning.abstract_like(nn.meta.unbox(abstract_boxed), self.state_shardings)
         self._init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=self.state_shardings)
         batch_shardings = {k: partitioning.batch_sharding(mesh, v.ndim)
                            for k, v in simvlm.dummy_batch(model_config).items()}
@@ -260,6 +259,10 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
     profiler if `profile_steps=(a, b)`; calls `eval_fn(params, step)` every
     `eval_every` steps. Returns a summary (final step, last metrics, checkpoint dir).
     """
+    # The data and checkpoint stacks (TensorFlow, grain, orbax) load only for training,
+    # so the model, Trainer and benchmarks import without them.
+    from simvlm_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    from simvlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     os.makedirs(work_dir, exist_ok=True)
     model_config = model_config or simvlm.SimVLMConfig()
     mesh = mesh or partitioning.make_mesh()
