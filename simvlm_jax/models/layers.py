@@ -47,7 +47,9 @@ def layer_norm(name: str | None = None, *, dtype, param_dtype, eps: float = 1e-6
 
 def attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str | None) -> Array:
     """[B,T,N,H] x [B,S,N,H] -> [B,T,N,H]; `mask` broadcastable to [B,N,T,S], True = attend."""
-    if impl == "cudnn":  # cuDNN needs bf16/fp16 inputs
+    if impl == "cudnn":  # cuDNN flash attention: bf16/fp16 inputs and a full-size mask
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, (q.shape[0], mask.shape[1], q.shape[1], k.shape[1]))
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
