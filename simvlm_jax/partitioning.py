@@ -10,6 +10,7 @@ batch dim uses the same mesh axis.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -191,7 +192,11 @@ class activate:  # pylint: disable=invalid-name
         self.mesh, self.rules = mesh, rules or axis_rules()
 
     def __enter__(self):
-        self.mesh.__enter__()
+        # The legacy `with mesh:` context: flax's logical constraints resolve against it
+        # without re-constraining boxed params at init (jax.set_mesh would).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.mesh.__enter__()
         self._rules_ctx = nn.logical_axis_rules(self.rules)
         self._rules_ctx.__enter__()
         return self
