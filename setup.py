@@ -22,6 +22,11 @@ INSTALL_REQUIRES = [
     "pillow==13.0.0",
     "safetensors==0.8.0",
     "tensorboardX==2.6.5",
+    "pyarrow==26.0.1",
+    "msgpack==1.2.4",
+    "tqdm==4.70.1",
+    "etils==1.15.0",
+    "pycocoevalcap==1.2",  # ships the PTB tokenizer and METEOR jars used by caption_metrics
 ]
 
 setuptools.setup(

@@ -4,6 +4,9 @@ step     Times the sharded train step on synthetic data (random images and
          tokens) for a config and mesh: median step time, examples/s, tokens/s
          and MFU from the analytic FLOP count (simvlm_jax.flops) against the
          device's peak; also XLA's own FLOP count of the compiled step.
+data     Input pipeline images/s per core (read + decode + resize/crop +
+         tokenize + batch) from tar and ArrayRecord via grain, side by side with
+         a plain tf.data pipeline doing the same work (simvlm_jax/data/data_benchmark.py).
 memory   Compiles the sharded train step ahead of time (no training, no data)
          for a config and mesh and prints per-device bytes of params, optimizer
          state and XLA temporaries. `--devices N` compiles for N simulated host
@@ -147,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m simvlm_jax.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["memory", "step"])
+    parser.add_argument("what", choices=["memory", "step", "data"])
     parser.add_argument("--steps", type=int, default=20, help="timed steps (step)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compile (step)")
     parser.add_argument("--gin_file", action="append", default=[])
@@ -156,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="compile for this many simulated CPU devices (set before JAX starts)")
     parser.add_argument("--batch_size", type=int, default=0, help="global batch (default: train.global_batch_size)")
     parser.add_argument("--hbm_gib", type=float, default=0.0, help="per-device memory budget to check against")
+    from simvlm_jax.data import data_benchmark  # pylint: disable=g-import-not-at-top
+    data_benchmark.add_args(parser)
     args, rest = parser.parse_known_args(argv)
     bindings = [r[len("--gin."):] for r in rest if r.startswith("--gin.")]
     unknown = [r for r in rest if not r.startswith("--gin.")]
@@ -168,7 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    f" --xla_force_host_platform_device_count={args.devices}")
     from simvlm_jax.main import UserError  # pylint: disable=g-import-not-at-top
     try:
-        result = memory(args, bindings) if args.what == "memory" else step(args, bindings)
+        if args.what == "data":
+            result = data_benchmark.run(args)
+        else:
+            result = memory(args, bindings) if args.what == "memory" else step(args, bindings)
     except (UserError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ interrupted save never leaves a half checkpoint that would be restored.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -60,7 +61,12 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: 
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     saved_items = _saved_items(manager, step)
     if data_iterator is not None and "data" in saved_items:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if (epath.Path(manager.directory) / str(step) / "data" / own).exists():
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        else:  # saved with another process count: model state resumes, data restarts
+            logging.warning("Checkpoint %d has no data-iterator state for %s (saved with a different "
+                            "process count); the input pipeline starts from the beginning.", step, own)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], step
 

@@ -1,13 +1,30 @@
-"""Greedy caption decoding with a KV cache (and a cache-free reference).
+"""Caption decoding with a KV cache: greedy, beam search and sampling (+ a cache-free reference).
 
 The image and the text prompt (e.g. "a picture of") form the encoder prefix;
 the decoder then generates from BOS. With the cache each step costs one token:
 self-attention keys/values are appended to the cache and the cross-attention
 keys/values of the encoder output are projected once, when the cache is built.
+
+Every decoder is jit-compatible (`lax.while_loop`, stopping early) and returns
+tokens [B, max_len] with 0 after the first EOS (the EOS itself is kept).
+`max_len` and `num_beams` fix array shapes: bind them with `functools.partial` or
+`static_argnames` when jitting. The other options (`eos_id`, `min_len`,
+`length_penalty`, `repetition_penalty`, `temperature`, `top_k`, `top_p`) may be
+Python numbers or traced scalars (one compilation for every setting); a Python
+value that disables a feature skips its computation.
+
+Logits processing, shared by all decoders (`process_logits`):
+  * `repetition_penalty` (CTRL, Keskar et al. 2019): the logit of every token
+    already generated in this sequence (the prompt is not counted) is divided
+    by the penalty if positive and multiplied by it if negative;
+  * pad/BOS (id 0) is never generated;
+  * `min_len`: EOS is blocked at steps < min_len, i.e. a caption has at least
+    `min_len` tokens before its EOS.
 """
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +32,56 @@ import jax.numpy as jnp
 from simvlm_jax.data.tokenizer import EOS_ID, PAD_ID
 from simvlm_jax.models import simvlm
 
+NEG_INF = -jnp.inf
+
+
+# ----------------------------------------------------------------------------- logits processing
+
+def _resolve_max_len(cfg: simvlm.SimVLMConfig, max_len: int | None) -> int:
+    return min(max_len or cfg.max_target_len, cfg.max_target_len)
+
+
+def apply_repetition_penalty(logits: jax.Array, generated: jax.Array, penalty: float | jax.Array) -> jax.Array:
+    """CTRL repetition penalty. logits [..., V]; generated [..., L] (ids already emitted; 0 = none).
+
+    Tokens present in `generated` get `logit / penalty` if the logit is positive and
+    `logit * penalty` otherwise. `penalty == 1` is the identity (skipped when it is a
+    Python number; a traced penalty is always applied).
+    """
+    if isinstance(penalty, (int, float)) and penalty == 1.0:
+        return logits
+    v = logits.shape[-1]
+    lead = logits.shape[:-1]
+    gen = generated.reshape(-1, generated.shape[-1])
+    rows = jnp.arange(gen.shape[0])[:, None]
+    seen = jnp.zeros((gen.shape[0], v), jnp.bool_).at[rows, gen].set(True).reshape(lead + (v,))
+    penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def mask_logits(logits: jax.Array, step: jax.Array | int, min_len: int | jax.Array = 0,
+                eos_id: int | jax.Array = EOS_ID) -> jax.Array:
+    """Never generate pad/BOS (id 0); block EOS at steps < `min_len` (eos_id < 0: no EOS)."""
+    ids = jnp.arange(logits.shape[-1])
+    blocked = jnp.logical_or(ids == PAD_ID, jnp.logical_and(ids == eos_id, step < min_len))
+    return jnp.where(blocked, NEG_INF, logits)
+
+
+def process_logits(logits: jax.Array, generated: jax.Array, step: jax.Array | int, *,
+                   repetition_penalty: float = 1.0, min_len: int = 0,
+                   eos_id: int = EOS_ID) -> jax.Array:
+    """The logits processor shared by greedy, beam search and sampling.
+
+    logits [..., V] for decoding step `step` (0-based position of the token being chosen);
+    generated [..., L]: the tokens emitted so far in each sequence (0 = none yet).
+    """
+    logits = apply_repetition_penalty(logits, generated, repetition_penalty)
+    return mask_logits(logits, step, min_len, eos_id)
+
 
 def _next_token(logits: jax.Array) -> jax.Array:
     """Greedy choice; pad/BOS (id 0) is never generated."""
-    return jnp.argmax(logits.at[..., PAD_ID].set(-jnp.inf), axis=-1).astype(jnp.int32)
+    return jnp.argmax(logits.at[..., PAD_ID].set(NEG_INF), axis=-1).astype(jnp.int32)
 
 
 def _finalize(tokens: jax.Array, eos_id: int) -> jax.Array:
@@ -28,23 +91,45 @@ def _finalize(tokens: jax.Array, eos_id: int) -> jax.Array:
     return jnp.where(after_eos, PAD_ID, tokens)
 
 
+def _start(model: simvlm.SimVLM, params, images, prefix_tokens, has_image, repeat: int = 1):
+    """Encodes the prefix (once per example), repeats it `repeat` times per example (rows
+    b * repeat + j) and runs the first decoder step, which creates the KV cache.
+    Returns (logits [B * repeat, V], cache, encoder_valid [B * repeat, S])."""
+    variables = {"params": params}
+    encoded, valid = model.apply(variables, images, prefix_tokens, has_image, method=model.encode)
+    if repeat > 1:
+        encoded = jnp.repeat(encoded, repeat, axis=0)
+        valid = jnp.repeat(valid, repeat, axis=0)
+    bos = jnp.full((encoded.shape[0], 1), PAD_ID, jnp.int32)
+    logits, mutated = model.apply(variables, bos, encoded, valid, decode=True, positions=jnp.int32(0),
+                                  method=model.decode, mutable=["cache"])
+    return logits[:, -1], mutated["cache"], valid
+
+
+def _step(model: simvlm.SimVLM, params, cache, tokens: jax.Array, valid: jax.Array, t: jax.Array):
+    """One cached decoder step: tokens [N] at position t -> (logits [N, V], new cache)."""
+    logits, mutated = model.apply({"params": params, "cache": cache}, tokens[:, None], None, valid,
+                                  decode=True, positions=t, method=model.decode, mutable=["cache"])
+    return logits[:, -1], mutated["cache"]
+
+
+# ----------------------------------------------------------------------------- greedy
+
 def greedy_decode(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens: jax.Array,
-                  has_image: jax.Array, max_len: int | None = None, eos_id: int = EOS_ID) -> jax.Array:
+                  has_image: jax.Array, max_len: int | None = None, eos_id: int = EOS_ID, *,
+                  min_len: int = 0, repetition_penalty: float = 1.0) -> jax.Array:
     """Greedy decoding with the KV cache. Returns tokens [B, max_len] (0 after EOS).
 
     Stops early once every sequence has emitted EOS. Jit-compatible.
     """
-    cfg = model.config
-    max_len = min(max_len or cfg.max_target_len, cfg.max_target_len)
-    variables = {"params": params}
-    encoded, valid = model.apply(variables, images, prefix_tokens, has_image, method=model.encode)
+    max_len = _resolve_max_len(model.config, max_len)
+    proc = functools.partial(process_logits, repetition_penalty=repetition_penalty, min_len=min_len,
+                             eos_id=eos_id)
+    logits, cache, valid = _start(model, params, images, prefix_tokens, has_image)
     b = images.shape[0]
-    bos = jnp.full((b, 1), PAD_ID, jnp.int32)
-    # First step creates the cache (and the cross-attention keys/values).
-    logits, mutated = model.apply(variables, bos, encoded, valid, decode=True, positions=jnp.int32(0),
-                                  method=model.decode, mutable=["cache"])
-    token = _next_token(logits[:, -1])
-    out = jnp.zeros((b, max_len), jnp.int32).at[:, 0].set(token)
+    out = jnp.zeros((b, max_len), jnp.int32)
+    token = jnp.argmax(proc(logits, out, 0), axis=-1).astype(jnp.int32)
+    out = out.at[:, 0].set(token)
     done = token == eos_id
 
     def cond(carry):
@@ -53,14 +138,13 @@ def greedy_decode(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens
 
     def body(carry):
         t, token, cache, out, done = carry
-        logits, mutated = model.apply({**variables, "cache": cache}, token[:, None], None, valid,
-                                      decode=True, positions=t, method=model.decode, mutable=["cache"])
-        nxt = _next_token(logits[:, -1])
+        logits, cache = _step(model, params, cache, token, valid, t)
+        nxt = jnp.argmax(proc(logits, out, t), axis=-1).astype(jnp.int32)
         nxt = jnp.where(done, PAD_ID, nxt)
         out = out.at[:, t].set(nxt)
-        return t + 1, nxt, mutated["cache"], out, jnp.logical_or(done, nxt == eos_id)
+        return t + 1, nxt, cache, out, jnp.logical_or(done, nxt == eos_id)
 
-    carry = (jnp.int32(1), token, mutated["cache"], out, done)
+    carry = (jnp.int32(1), token, cache, out, done)
     _, _, _, out, _ = jax.lax.while_loop(cond, body, carry)
     return _finalize(out, eos_id)
 
@@ -70,7 +154,7 @@ def greedy_decode_no_cache(model: simvlm.SimVLM, params, images: jax.Array, pref
                            eos_id: int = EOS_ID) -> jax.Array:
     """Reference decoder: recomputes the whole decoder every step (for tests/benchmarks)."""
     cfg = model.config
-    max_len = min(max_len or cfg.max_target_len, cfg.max_target_len)
+    max_len = _resolve_max_len(cfg, max_len)
     variables = {"params": params}
     encoded, valid = model.apply(variables, images, prefix_tokens, has_image, method=model.encode)
     b = images.shape[0]
@@ -90,3 +174,199 @@ def greedy_decode_no_cache(model: simvlm.SimVLM, params, images: jax.Array, pref
 def jitted_greedy(model: simvlm.SimVLM, max_len: int | None = None):
     """A jitted greedy decoder for `model` (cached per model config)."""
     return jax.jit(functools.partial(greedy_decode, model, max_len=max_len))
+
+
+# ----------------------------------------------------------------------------- beam search
+
+def gather_beams(cache: Any, flat_index: jax.Array, batch_axis: int, num_rows: int) -> Any:
+    """Reorders the KV cache rows: every cache array whose `batch_axis` has `num_rows`
+    (= batch * num_beams) entries is gathered with `flat_index` [num_rows] along it.
+
+    `batch_axis` is 0 for unrolled layers and 1 for scanned ones (the cache then has a
+    leading layers axis). Scalars/per-layer `cache_index` are left alone, and so are the
+    cross-attention keys/values: they are the same for every beam of an example.
+    """
+    def gather(path, x):
+        name = getattr(path[-1], "key", None)
+        if name in ("cross_key", "cross_value"):
+            return x
+        if x.ndim > batch_axis and x.shape[batch_axis] == num_rows:
+            return jnp.take(x, flat_index, axis=batch_axis)
+        return x
+
+    return jax.tree_util.tree_map_with_path(gather, cache)
+
+
+class _BeamState(NamedTuple):
+    t: jax.Array             # next position to generate
+    alive_seq: jax.Array     # [B, K, L] unfinished hypotheses (no EOS), 0 beyond t
+    alive_logp: jax.Array    # [B, K] their summed log-probs, best first
+    fin_seq: jax.Array       # [B, K, L] finished hypotheses (ending with EOS)
+    fin_score: jax.Array     # [B, K] length-penalized scores, best first (-inf = empty slot)
+    cache: Any               # KV cache, rows b * K + k in `alive` order
+
+
+def beam_search(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens: jax.Array,
+                has_image: jax.Array, *, num_beams: int = 3, max_len: int | None = None,
+                min_len: int = 0, length_penalty: float = 1.0, repetition_penalty: float = 1.0,
+                eos_id: int = EOS_ID) -> tuple[jax.Array, jax.Array]:
+    """Beam search with the KV cache. Returns (tokens [B, max_len] of the best hypothesis,
+    0 after EOS; scores [B]).
+
+    A hypothesis of n tokens (its EOS included; n = max_len for one that never emitted EOS)
+    scores `sum(log p) / n ** length_penalty` (log p: the model's log-softmax; with a
+    repetition penalty, that of the penalized logits). Keeps K alive (no EOS yet) and K
+    finished hypotheses per example (t5x/HF style). As in HF, an EOS candidate enters the
+    finished set only if it ranks among the step's top K candidates, so `num_beams=1` with
+    `length_penalty=0` is exactly greedy decoding. Stops once no alive hypothesis can beat
+    the worst finished one of any example: alive log-probs only decrease, so the bound is
+    `best_alive_logp / lp(max_len)` for length_penalty >= 0 (`lp(next length)` below 0).
+    Hypotheses still alive at max_len compete with the finished ones. Jit-compatible.
+    """
+    cfg = model.config
+    max_len = _resolve_max_len(cfg, max_len)
+    k = int(num_beams)
+    if k < 1:
+        raise ValueError(f"num_beams={num_beams} must be >= 1")
+    b = images.shape[0]
+    bk = b * k
+    alpha = jnp.asarray(length_penalty, jnp.float32)
+    batch_axis = 1 if cfg.scan_layers else 0
+
+    def lp(length):
+        return jnp.asarray(length, jnp.float32) ** alpha
+
+    def select(state: _BeamState, logits: jax.Array, cache) -> _BeamState:
+        t = state.t
+        v = logits.shape[-1]
+        logits = apply_repetition_penalty(logits, state.alive_seq.reshape(bk, max_len), repetition_penalty)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        logp = mask_logits(logp, t, min_len, eos_id).reshape(b, k, v)
+        cand = (state.alive_logp[:, :, None] + logp).reshape(b, k * v)
+        top_logp, top_idx = jax.lax.top_k(cand, 2 * k)              # [B, 2K], best first
+        parent, token = top_idx // v, (top_idx % v).astype(jnp.int32)
+        seqs = jnp.take_along_axis(state.alive_seq, parent[:, :, None], axis=1)
+        seqs = seqs.at[:, :, t].set(token)
+        is_eos = token == eos_id
+        # Alive: the best K candidates that did not end.
+        alive_logp, ai = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_logp), k)
+        alive_seq = jnp.take_along_axis(seqs, ai[:, :, None], axis=1)
+        alive_parent = jnp.take_along_axis(parent, ai, axis=1)
+        # Finished: merge the ending candidates ranked within the top K.
+        ends = jnp.logical_and(is_eos, jnp.arange(2 * k)[None] < k)
+        new_fin = jnp.where(ends, top_logp / lp(t + 1), NEG_INF)
+        fin_score, fi = jax.lax.top_k(jnp.concatenate([state.fin_score, new_fin], axis=1), k)
+        fin_seq = jnp.take_along_axis(jnp.concatenate([state.fin_seq, seqs], axis=1), fi[:, :, None], axis=1)
+        flat = (jnp.arange(b)[:, None] * k + alive_parent).reshape(bk)
+        cache = gather_beams(cache, flat, batch_axis, bk)
+        return _BeamState(t + 1, alive_seq, alive_logp, fin_seq, fin_score, cache)
+
+    logits, cache, valid = _start(model, params, images, prefix_tokens, has_image, repeat=k)
+    zeros = jnp.zeros((b, k, max_len), jnp.int32)
+    # Only beam 0 is live at the start (the K rows are identical): no duplicate hypotheses.
+    init_logp = jnp.where(jnp.arange(k) == 0, 0.0, NEG_INF)[None].repeat(b, axis=0)
+    state = _BeamState(jnp.int32(0), zeros, init_logp, zeros, jnp.full((b, k), NEG_INF, jnp.float32), None)
+    state = select(state, logits, cache)
+
+    def cond(state: _BeamState):
+        bound_len = jnp.where(alpha >= 0, max_len, state.t + 1)
+        best_possible = state.alive_logp[:, 0] / lp(bound_len)
+        done = state.fin_score[:, -1] > best_possible
+        return jnp.logical_and(state.t < max_len, jnp.logical_not(jnp.all(done)))
+
+    def body(state: _BeamState):
+        last = jax.lax.dynamic_index_in_dim(state.alive_seq, state.t - 1, axis=2, keepdims=False)
+        logits, cache = _step(model, params, state.cache, last.reshape(bk), valid, state.t)
+        return select(state, logits, cache)
+
+    state = jax.lax.while_loop(cond, body, state)
+    # Hypotheses alive at max_len are complete too (without EOS).
+    alive_score = jnp.where(state.t >= max_len, state.alive_logp / lp(max_len), NEG_INF)
+    scores = jnp.concatenate([state.fin_score, alive_score], axis=1)
+    seqs = jnp.concatenate([state.fin_seq, state.alive_seq], axis=1)
+    best = jnp.argmax(scores, axis=1)
+    tokens = jnp.take_along_axis(seqs, best[:, None, None], axis=1)[:, 0]
+    return _finalize(tokens, eos_id), jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0]
+
+
+@functools.lru_cache(maxsize=8)
+def jitted_beam_search(model: simvlm.SimVLM, num_beams: int = 3, max_len: int | None = None,
+                       min_len: int = 0, length_penalty: float = 1.0,
+                       repetition_penalty: float = 1.0, eos_id: int = EOS_ID):
+    """A jitted `beam_search(params, images, prefix_tokens, has_image)` (cached per settings)."""
+    return jax.jit(functools.partial(
+        beam_search, model, num_beams=num_beams, max_len=max_len, min_len=min_len,
+        length_penalty=length_penalty, repetition_penalty=repetition_penalty, eos_id=eos_id))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def filter_top_k(logits: jax.Array, top_k: int | jax.Array) -> jax.Array:
+    """Keeps the `top_k` largest logits (ties at the k-th value are kept too); <= 0: all."""
+    v = logits.shape[-1]
+    if isinstance(top_k, int) and (top_k <= 0 or top_k >= v):
+        return logits
+    sorted_logits = -jnp.sort(-logits, axis=-1)
+    idx = jnp.clip(jnp.asarray(top_k, jnp.int32), 1, v) - 1
+    kth = jnp.take_along_axis(sorted_logits, jnp.broadcast_to(idx, logits.shape[:-1] + (1,)), axis=-1)
+    return jnp.where(jnp.logical_and(top_k > 0, logits < kth), NEG_INF, logits)
+
+
+def filter_top_p(logits: jax.Array, top_p: float | jax.Array) -> jax.Array:
+    """Nucleus filtering: keeps the smallest set of most likely tokens whose probability
+    reaches `top_p` (always at least the most likely one); >= 1: all."""
+    if isinstance(top_p, (int, float)) and top_p >= 1.0:
+        return logits
+    sorted_logits = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (mass_before < top_p).at[..., 0].set(True)
+    cutoff = jnp.take_along_axis(sorted_logits, jnp.sum(keep, axis=-1, keepdims=True) - 1, axis=-1)
+    return jnp.where(jnp.logical_and(top_p < 1.0, logits < cutoff), NEG_INF, logits)
+
+
+def sample_decode(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens: jax.Array,
+                  has_image: jax.Array, rng: jax.Array, *, max_len: int | None = None,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  repetition_penalty: float = 1.0, min_len: int = 0,
+                  eos_id: int = EOS_ID) -> jax.Array:
+    """Ancestral sampling with the KV cache. Returns tokens [B, max_len] (0 after EOS).
+
+    Per step: `process_logits` (repetition penalty, no pad, `min_len`), then / temperature,
+    top-k, top-p (nucleus), then a categorical draw with `fold_in(rng, step)`.
+    `temperature <= 0` (or `top_k=1`) is greedy. Deterministic for a fixed `rng`;
+    jit-compatible (`max_len` static; the other options may be traced).
+    """
+    max_len = _resolve_max_len(model.config, max_len)
+    b = images.shape[0]
+
+    def choose(logits, out, t):
+        logits = process_logits(logits.astype(jnp.float32), out, t, repetition_penalty=repetition_penalty,
+                                min_len=min_len, eos_id=eos_id)
+        greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if isinstance(temperature, (int, float)) and temperature <= 0:
+            return greedy
+        temp = jnp.asarray(temperature, jnp.float32)
+        logits = filter_top_p(filter_top_k(logits / jnp.where(temp > 0, temp, 1.0), top_k), top_p)
+        sampled = jax.random.categorical(jax.random.fold_in(rng, t), logits, axis=-1).astype(jnp.int32)
+        return jnp.where(temp > 0, sampled, greedy)
+
+    logits, cache, valid = _start(model, params, images, prefix_tokens, has_image)
+    out = jnp.zeros((b, max_len), jnp.int32)
+    token = choose(logits, out, jnp.int32(0))
+    out = out.at[:, 0].set(token)
+
+    def cond(carry):
+        t, _, _, _, done = carry
+        return jnp.logical_and(t < max_len, jnp.logical_not(jnp.all(done)))
+
+    def body(carry):
+        t, token, cache, out, done = carry
+        logits, cache = _step(model, params, cache, token, valid, t)
+        nxt = jnp.where(done, PAD_ID, choose(logits, out, t))
+        out = out.at[:, t].set(nxt)
+        return t + 1, nxt, cache, out, jnp.logical_or(done, nxt == eos_id)
+
+    carry = (jnp.int32(1), token, cache, out, token == eos_id)
+    _, _, _, out, _ = jax.lax.while_loop(cond, body, carry)
+    return _finalize(out, eos_id)

@@ -208,6 +208,8 @@ class Trainer:
         # d(mean NLL over all target tokens of the global batch) = d(sum) / count: equal to
         # the big-batch gradient whatever the number of microbatches.
         grads = jax.tree_util.tree_map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+        # Gradients live exactly where their params live (reduce-scattered under FSDP).
+        grads = jax.lax.with_sharding_constraint(grads, self.state_shardings.params)
         loss = nll_sum / denom
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)

@@ -290,3 +290,27 @@ def test_other_optimizers_train(clean_gin, name, moment_dtype):
     assert losses[-1] < 0.85 * losses[0]
     if moment_dtype == "bfloat16":
         assert any(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(state.opt_state))
+
+
+def test_restore_with_another_process_count_keeps_model_state(clean_gin, tmp_path, caplog):
+    """A checkpoint whose data state was written by a different number of processes restores the
+    train state and restarts the data iterator (with a warning) instead of failing."""
+    import grain  # pylint: disable=g-import-not-at-top
+    from simvlm_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    cfg = SimVLMConfig(**TINY)
+    mesh = partitioning.make_mesh(data=8)
+    trainer = train.Trainer(cfg, mesh, total_steps=10)
+    state = trainer.init_state()
+    it = iter(grain.MapDataset.range(100).to_iter_dataset())
+    next(it), next(it)
+    manager = checkpointing.make_manager(str(tmp_path), save_every=1, async_save=False)
+    assert checkpointing.save(manager, 3, state, it)
+    manager.wait_until_finished()
+    data_dir = tmp_path / "checkpoints" / "3" / "data"
+    os.rename(data_dir / "process_0-of-1.json", data_dir / "process_0-of-2.json")
+    fresh = iter(grain.MapDataset.range(100).to_iter_dataset())
+    restored, step = checkpointing.restore(checkpointing.make_manager(str(tmp_path)), trainer.abstract_state, fresh)
+    assert step == 3 and next(fresh) == 0  # data restarted
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(restored.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert "different process count" in caplog.text

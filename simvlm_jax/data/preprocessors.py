@@ -46,33 +46,105 @@ def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)), np.uint8)
 
 
+class BadImage(Exception):
+    """An image that is skipped; `reason` is its SKIPPED key."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")  # PIL format names DecodeImage accepts
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: grayscale, 16-bit, CMYK, YCbCr converted; alpha / transparent
+    palettes composited onto white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        arr = np.asarray(img).astype(np.float32)
+        if arr.max(initial=0) > 255:
+            arr = arr / 257.0  # 16-bit
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(data: bytes, max_image_pixels: int = 50_000_000,
+               formats: tuple[str, ...] = SUPPORTED_FORMATS, min_size: int | None = None) -> Image.Image:
+    """Decodes image bytes to an RGB PIL image, or raises BadImage(reason).
+
+    The size is checked from the header before any pixel is decoded (decompression
+    bombs never allocate). `min_size`: JPEGs are DCT-downscaled while decoding as long as
+    both sides stay >= min_size (much faster for large photos).
+    """
+    if not data:
+        raise BadImage("missing_image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+            if img.format not in formats:
+                raise BadImage("image_unsupported_format")
+            if img.width * img.height > max_image_pixels:
+                raise BadImage("image_too_large")
+            if min_size and img.format in ("JPEG", "MPO"):
+                img.draft("RGB", (min_size, min_size))
+            img.load()
+        return to_rgb(img)
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage("image_too_large") from None
+    except Exception:  # pylint: disable=broad-except  (truncated, corrupt, unidentifiable)
+        raise BadImage("image_decode_error") from None
+
+
+def find_image(record: dict[str, Any]) -> bytes:
+    """The record's image bytes, or raises BadImage ('missing_image' / 'image_unsupported_format')."""
+    data = next((record[e] for e in sources.IMAGE_EXTS if record.get(e)), None)
+    if data is None:
+        unsupported = any(record.get(e) for e in sources.UNSUPPORTED_IMAGE_EXTS)
+        raise BadImage("image_unsupported_format" if unsupported else "missing_image")
+    return data
+
+
+def record_error(record: dict[str, Any] | None) -> bool:
+    """True (and counted) if the source could not read this record (see sources.error_record)."""
+    if record is not None and sources.ERROR_KEY in record:
+        skip(record[sources.ERROR_KEY])
+        return True
+    return False
+
+
 @dataclasses.dataclass
 class DecodeImage(grain.transforms.Map):
-    """Image bytes -> uint8 [size, size, 3]; caption from .txt (or .json 'caption')."""
+    """Image bytes -> uint8 [size, size, 3]; caption from .txt (or .json 'caption').
+
+    Skips (and counts by reason) records the source could not read, missing / empty /
+    corrupt / truncated images, formats outside `formats`, and images over
+    `max_image_pixels` (checked from the header, before decoding). Grayscale, CMYK,
+    16-bit, alpha and palette images are converted to RGB.
+    """
     image_size: int
     max_image_pixels: int = 50_000_000  # decompression-bomb guard
+    formats: tuple[str, ...] = SUPPORTED_FORMATS
 
     def map(self, record: dict[str, Any]) -> dict[str, Any] | None:
-        if record is None:
-            return None
-        data = next((record[e] for e in sources.IMAGE_EXTS if record.get(e)), None)
-        if data is None:
-            skip("missing_image")
+        if record is None or record_error(record):
             return None
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
-                if img.width * img.height > self.max_image_pixels:
-                    skip("image_too_large")
-                    return None
-                img.load()
-            if img.mode != "RGB":  # grayscale, CMYK, palette, alpha
-                img = img.convert("RGBA").convert("RGB") if "A" in img.getbands() or img.mode == "P" \
-                    else img.convert("RGB")
+            img = open_image(find_image(record), self.max_image_pixels, tuple(self.formats),
+                             min_size=self.image_size)
             image = resize_center_crop(img, self.image_size)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            skip("image_too_large")
+        except BadImage as e:
+            skip(e.reason)
             return None
         except Exception:  # pylint: disable=broad-except
             skip("image_decode_error")
@@ -89,9 +161,10 @@ class LineToText(grain.transforms.Map):
     """Text-only record -> {'text'} with no image."""
 
     def map(self, record: dict[str, Any]) -> dict[str, Any] | None:
-        if record is None:
+        if record is None or record_error(record):
             return None
-        return {"text": record["text"], "has_image": np.int32(0), "key": record.get("__key__", "")}
+        text = record.get("text", record.get("txt"))
+        return {"text": text, "has_image": np.int32(0), "key": record.get("__key__", "")}
 
 
 _SPACES = re.compile(r"\s+")
@@ -107,6 +180,9 @@ class CleanCaption(grain.transforms.Map):
         if ex is None:
             return None
         text = ex.get("text")
+        if text is not None and not isinstance(text, (str, bytes)):
+            skip("caption_invalid")
+            return None
         if isinstance(text, bytes):
             try:
                 text = text.decode("utf-8")

@@ -1,44 +1,124 @@
 """Random-access data sources read by grain, wrapped as seqio DataSources.
 
+Image-text sources return one dict per sample: the image bytes under an image
+extension key ('jpg' / 'png' / 'webp'), the caption under 'txt' (bytes or str)
+and/or JSON metadata under 'json' (with 'caption', maybe 'references'), and a
+'__key__'. Text-only sources return {'__key__', 'text'}. `preprocessors.DecodeImage`
+/ `LineToText` take it from there.
+
 * `TarShardSource`: webdataset tar shards as img2dataset writes them
   (`{key}.jpg|png|webp` + `{key}.txt|json` per sample). The tar headers are
   indexed once, then any sample is one positioned read, which gives grain global
   shuffling, exact resume and disjoint per-host slices.
-* `TextLineSource`: text-only corpora, one document per line.
+* `ParquetSource`: img2dataset `output_format="parquet"` / Hugging Face parquet
+  exports (an image bytes column + a caption column), read by row group.
+* `ArrayRecordSource`: ArrayRecord files written by `simvlm_jax.data.convert`
+  (one msgpack map per record, see `encode_record`).
+* `TfdsSource`: a TFDS dataset prepared in the array_record format
+  (`tfds.data_source`), e.g. coco_captions.
+* `CocoCaptionsSource`: COCO captions JSON or Karpathy's `dataset_coco.json` +
+  an image directory; one record per image with every reference caption.
+* `TextLineSource` / `JsonlTextSource`: text-only corpora (one document per line).
 
-`SeqioSource` makes either one a `seqio.DataSource`, so tasks are registered,
+A sample that cannot be read at read time (its shard disappeared, a truncated
+tar member, a missing image file) is returned as `{'__key__', '__error__': reason}`;
+the first preprocessor counts it under that reason and drops it, so a run never
+stops on bad data. Problems visible at start (a pattern matching nothing, an
+unprepared TFDS dataset, a missing column) raise at once with the path and the fix.
+
+Paths with a scheme (gs://, s3://, ...) are globbed and opened through
+`etils.epath` (gs:// needs gcsfs or tf.io.gfile, s3:// needs s3fs). ArrayRecord
+files are opened by the C++ reader: local (or FUSE-mounted) paths only.
+
+`SeqioSource` makes any of them a `seqio.DataSource`, so tasks are registered,
 listed and mixed with seqio's registries, while grain does the reading.
 """
 from __future__ import annotations
 
+import collections
 import glob
+import io
 import json
 import os
 import tarfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import seqio
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt", "json")
+# Image members we recognise but do not decode: skipped as 'image_unsupported_format'.
+UNSUPPORTED_IMAGE_EXTS = ("gif", "bmp", "tif", "tiff", "heic", "heif", "avif", "svg", "ico", "jp2", "jxl")
+ERROR_KEY = "__error__"
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4")
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _glob_remote(pattern: str) -> list[str]:
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    parts = pattern.split("/")
+    first = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), None)
+    if first is None:
+        return [pattern] if epath.Path(pattern).exists() else []
+    base = epath.Path("/".join(parts[:first]))
+    return sorted(str(p) for p in base.glob("/".join(parts[first:])))
 
 
 def expand_paths(patterns: str | Sequence[str]) -> list[str]:
     """Expands a glob / comma-separated list / list of globs; errors name what is missing."""
-    if isinstance(patterns, str):
-        patterns = [p for p in patterns.split(",") if p]
+    if isinstance(patterns, (str, os.PathLike)):
+        patterns = [p for p in str(patterns).split(",") if p]
     paths: list[str] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-        matches = [m for m in matches if os.path.exists(m)]
+        pattern = str(pattern)
+        if is_remote(pattern):
+            matches = _glob_remote(pattern)
+        else:
+            matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+            matches = [m for m in matches if os.path.exists(m)]
         if not matches:
             raise FileNotFoundError(f"No files match {pattern!r}. Check the path in your gin config "
                                     f"(or run the prepare step for the built-in data).")
         paths.extend(matches)
+    if not paths:
+        raise FileNotFoundError("No data files given: the path list is empty. Set it in your gin config.")
     return paths
+
+
+def open_file(path: str):
+    """Opens a local path, or a gs:// / s3:// / ... path through etils.epath, for binary reading."""
+    if is_remote(path):
+        from etils import epath  # pylint: disable=g-import-not-at-top
+        return epath.Path(path).open("rb")
+    return open(path, "rb")
+
+
+def _reject_compressed(path: str, what: str) -> None:
+    if path.lower().endswith(_COMPRESSED):
+        raise ValueError(f"{path}: compressed files cannot be read by random access ({what}). "
+                         f"Decompress it first (e.g. `gunzip -k {os.path.basename(path)}`).")
+
+
+def error_record(key: str, reason: str) -> dict[str, Any]:
+    """The record of a sample that could not be read (counted under `reason`, then dropped)."""
+    return {"__key__": key, ERROR_KEY: reason}
+
+
+def image_ext(data: bytes) -> str:
+    """A record key for image bytes from their magic number ('png', 'webp', 'gif', else 'jpg')."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    return "jpg"
 
 
 class _FileHandles(threading.local):
@@ -50,40 +130,84 @@ class _FileHandles(threading.local):
     def get(self, path: str):
         f = self.files.get(path)
         if f is None:
-            f = self.files[path] = open(path, "rb")
+            f = self.files[path] = open_file(path)
         return f
 
+    def drop(self, path: str) -> None:
+        f = self.files.pop(path, None)
+        if f is not None:
+            try:
+                f.close()
+            except Exception:  # pylint: disable=broad-except
+                pass
+
+
+class _Picklable:
+    """Drops per-thread handles / lazily opened readers when pickled (grain workers)."""
+    _TRANSIENT = ("_handles",)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for k in self._TRANSIENT:
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset_transient()
+
+    def _reset_transient(self):
+        self._handles = _FileHandles()
+
+
+# ----------------------------------------------------------------------------- tar
 
 def index_tar(path: str) -> list[dict[str, Any]]:
     """Returns one entry per sample: {'key', 'members': {ext: (offset, size)}}.
 
-    A truncated tar keeps the samples read before the damage.
+    A truncated tar keeps the samples read before the damage; the sample cut by it
+    (or, if the cut fell between samples, one marker entry) carries
+    'error': 'tar_truncated', so every read of it is counted.
     """
     samples: dict[str, dict[str, tuple[int, int]]] = {}
     order: list[str] = []
+    damaged = False
     try:
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                base = os.path.basename(info.name)
-                key, _, ext = base.partition(".")
-                full_key = os.path.join(os.path.dirname(info.name), key)
-                if full_key not in samples:
-                    samples[full_key] = {}
-                    order.append(full_key)
-                samples[full_key][ext.lower()] = (info.offset_data, info.size)
-    except (tarfile.TarError, OSError, EOFError):
-        pass  # truncated/corrupt tail: keep what was indexed
-    size = os.path.getsize(path)
+        f = open_file(path)
+    except OSError:
+        return [{"key": f"{path}:unreadable", "members": {}, "error": "shard_unreadable"}]
+    with f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(0)
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    base = os.path.basename(info.name)
+                    key, _, ext = base.partition(".")
+                    full_key = os.path.join(os.path.dirname(info.name), key)
+                    if full_key not in samples:
+                        samples[full_key] = {}
+                        order.append(full_key)
+                    samples[full_key][ext.lower()] = (info.offset_data, info.size)
+        except (tarfile.TarError, OSError, EOFError):
+            damaged = True  # truncated/corrupt tail: keep what was indexed
     out = []
     for k in order:
         members = {e: (o, s) for e, (o, s) in samples[k].items() if o + s <= size}
-        out.append({"key": k, "members": members})
+        entry = {"key": k, "members": members}
+        if len(members) < len(samples[k]):
+            entry["error"] = "tar_truncated"
+            damaged = False  # counted through this sample
+        out.append(entry)
+    if damaged and size > 0:
+        out.append({"key": f"{path}:truncated", "members": {}, "error": "tar_truncated"})
     return out
 
 
-class TarShardSource:
+class TarShardSource(_Picklable):
     """grain RandomAccessDataSource over the samples of webdataset tar shards."""
 
     def __init__(self, paths: str | Sequence[str], num_index_threads: int = 8):
@@ -100,40 +224,53 @@ class TarShardSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         entry = self._entries[index]
-        f = self._handles.get(self.paths[self._shard[index]])
-        record: dict[str, Any] = {"__key__": entry["key"], "__shard__": self.paths[self._shard[index]]}
-        for ext, (offset, size) in entry["members"].items():
-            f.seek(offset)
-            record[ext] = f.read(size)
+        path = self.paths[self._shard[index]]
+        if "error" in entry:
+            return {**error_record(entry["key"], entry["error"]), "__shard__": path}
+        record: dict[str, Any] = {"__key__": entry["key"], "__shard__": path}
+        try:
+            f = self._handles.get(path)
+            for ext, (offset, size) in entry["members"].items():
+                f.seek(offset)
+                data = f.read(size)
+                if len(data) != size:  # the shard shrank since it was indexed
+                    raise EOFError(path)
+                record[ext] = data
+        except FileNotFoundError:
+            self._handles.drop(path)
+            return {**error_record(entry["key"], "shard_missing"), "__shard__": path}
+        except (OSError, EOFError):
+            self._handles.drop(path)
+            return {**error_record(entry["key"], "shard_unreadable"), "__shard__": path}
         return record
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_handles")
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._handles = _FileHandles()
 
     def __repr__(self) -> str:
         return f"TarShardSource({len(self.paths)} shards, {len(self)} samples)"
 
 
-class TextLineSource:
+# ----------------------------------------------------------------------------- text
+
+def _index_lines(path: str) -> list[int]:
+    offsets, pos = [], 0
+    with open_file(path) as f:
+        for line in f:
+            if line.strip():
+                offsets.append(pos)
+            pos += len(line)
+    return offsets
+
+
+class TextLineSource(_Picklable):
     """grain RandomAccessDataSource over non-empty lines of text files."""
 
     def __init__(self, paths: str | Sequence[str]):
         self.paths = expand_paths(paths)
         file_ids, offsets = [], []
         for i, path in enumerate(self.paths):
-            pos = 0
-            with open(path, "rb") as f:
-                for line in f:
-                    if line.strip():
-                        file_ids.append(i)
-                        offsets.append(pos)
-                    pos += len(line)
+            _reject_compressed(path, type(self).__name__)
+            offs = _index_lines(path)
+            file_ids.extend([i] * len(offs))
+            offsets.extend(offs)
         self._file = np.asarray(file_ids, np.int32)
         self._offset = np.asarray(offsets, np.int64)
         self._handles = _FileHandles()
@@ -141,16 +278,448 @@ class TextLineSource:
     def __len__(self) -> int:
         return len(self._offset)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        f = self._handles.get(self.paths[self._file[index]])
-        f.seek(int(self._offset[index]))
-        return {"__key__": f"{self._file[index]}:{self._offset[index]}", "text": f.readline()}
+    def _line(self, index: int) -> tuple[str, bytes | dict]:
+        path = self.paths[self._file[index]]
+        key = f"{self._file[index]}:{self._offset[index]}"
+        try:
+            f = self._handles.get(path)
+            f.seek(int(self._offset[index]))
+            return key, f.readline()
+        except FileNotFoundError:
+            self._handles.drop(path)
+            return key, error_record(key, "shard_missing")
+        except OSError:
+            self._handles.drop(path)
+            return key, error_record(key, "shard_unreadable")
 
-    __getstate__ = TarShardSource.__getstate__
-    __setstate__ = TarShardSource.__setstate__
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        key, line = self._line(index)
+        return line if isinstance(line, dict) else {"__key__": key, "text": line}
 
     def __repr__(self) -> str:
-        return f"TextLineSource({len(self.paths)} files, {len(self)} lines)"
+        return f"{type(self).__name__}({len(self.paths)} files, {len(self)} lines)"
+
+
+class JsonlTextSource(TextLineSource):
+    """Text-only documents from JSON-lines files: `field` of each line's object (dots for nesting,
+    e.g. 'meta.text'). A line that is not JSON is skipped as 'text_bad_json'."""
+
+    def __init__(self, paths: str | Sequence[str], field: str = "text"):
+        super().__init__(paths)
+        self.field = field
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        key, line = self._line(index)
+        if isinstance(line, dict):
+            return line
+        try:
+            value: Any = json.loads(line)
+            for part in self.field.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+        except (ValueError, UnicodeDecodeError):
+            return error_record(key, "text_bad_json")
+        return {"__key__": key, "text": value if isinstance(value, (str, bytes)) else None}
+
+
+# ----------------------------------------------------------------------------- parquet
+
+IMAGE_COLUMNS = ("jpg", "image", "image_bytes", "png", "webp", "img")
+CAPTION_COLUMNS = ("caption", "txt", "text")
+
+
+class ParquetSource(_Picklable):
+    """Image-text rows of parquet files (img2dataset parquet output, Hugging Face exports).
+
+    `image_column`: a binary column, or a struct with a 'bytes' field (the Hugging Face
+    Image feature); None picks the first of IMAGE_COLUMNS present. `caption_column`:
+    a string column; None picks the first of CAPTION_COLUMNS. Other scalar columns
+    (url, width, key, ...) go into the record's 'json' metadata.
+
+    Rows are read by row group, and the last row groups read are cached per thread,
+    so sequential reads are cheap; a globally shuffled read costs one row-group read
+    per sample. For shuffled training on large data write small row groups
+    (img2dataset: ~1 per shard is too large) or convert to ArrayRecord
+    (`python -m simvlm_jax.data.convert --format parquet ...`).
+    """
+    _TRANSIENT = ("_handles", "_cache")
+    CACHED_ROW_GROUPS = 2
+
+    def __init__(self, paths: str | Sequence[str], image_column: str | None = None,
+                 caption_column: str | None = None):
+        import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+        self.paths = expand_paths(paths)
+        counts, groups = [], []  # rows per (file, row group)
+        schema = None
+        for i, path in enumerate(self.paths):
+            try:
+                with open_file(path) as f:
+                    meta = pq.ParquetFile(f).metadata
+                    if schema is None:
+                        schema = pq.ParquetFile(f).schema_arrow
+            except Exception as e:  # pylint: disable=broad-except
+                raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {e}). "
+                                 f"Check the path/pattern in your gin config.") from e
+            for g in range(meta.num_row_groups):
+                groups.append((i, g))
+                counts.append(meta.row_group(g).num_rows)
+        names = list(schema.names)
+        self.image_column = image_column or next((c for c in IMAGE_COLUMNS if c in names), None)
+        self.caption_column = caption_column or next((c for c in CAPTION_COLUMNS if c in names), None)
+        for what, col, options in (("image_column", self.image_column, IMAGE_COLUMNS),
+                                   ("caption_column", self.caption_column, CAPTION_COLUMNS)):
+            if col is None or col not in names:
+                raise ValueError(f"{self.paths[0]}: no {what} {col or ''} (looked for {list(options)}); "
+                                 f"its columns are {names}. Set ParquetSource({what}=...) "
+                                 f"(gin: source_kwargs={{'{what}': '...'}}).")
+        import pyarrow as pa  # pylint: disable=g-import-not-at-top
+        self.meta_columns = [f.name for f in schema if f.name not in (self.image_column, self.caption_column)
+                             and not pa.types.is_binary(f.type) and not pa.types.is_large_binary(f.type)
+                             and not pa.types.is_struct(f.type)]
+        self.key_column = "key" if "key" in names else None
+        self._groups = np.asarray(groups, np.int64).reshape(-1, 2)
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._reset_transient()
+
+    def _reset_transient(self):
+        self._handles = threading.local()
+        self._cache = threading.local()
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _row_group(self, g: int):
+        import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+        cache = getattr(self._cache, "groups", None)
+        if cache is None:
+            cache = self._cache.groups = collections.OrderedDict()
+        if g in cache:
+            cache.move_to_end(g)
+            return cache[g]
+        file_idx, group_idx = self._groups[g]
+        files = getattr(self._handles, "files", None)
+        if files is None:
+            files = self._handles.files = {}
+        path = self.paths[file_idx]
+        if path not in files:
+            files[path] = pq.ParquetFile(open_file(path))
+        columns = [self.image_column, self.caption_column] + self.meta_columns
+        table = files[path].read_row_group(int(group_idx), columns=columns).to_pydict()
+        cache[g] = table
+        while len(cache) > self.CACHED_ROW_GROUPS:
+            cache.popitem(last=False)
+        return table
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        g = int(np.searchsorted(self._starts, index, side="right") - 1)
+        row = index - int(self._starts[g])
+        path = self.paths[self._groups[g][0]]
+        key = f"{os.path.basename(path)}:{index}"
+        try:
+            table = self._row_group(g)
+        except FileNotFoundError:
+            getattr(self._handles, "files", {}).pop(path, None)
+            return error_record(key, "shard_missing")
+        except Exception:  # pylint: disable=broad-except
+            getattr(self._handles, "files", {}).pop(path, None)
+            return error_record(key, "shard_unreadable")
+        image = table[self.image_column][row]
+        if isinstance(image, dict):  # Hugging Face Image feature: {'bytes': ..., 'path': ...}
+            image = image.get("bytes")
+        meta = {c: table[c][row] for c in self.meta_columns}
+        if self.key_column and meta.get(self.key_column) is not None:
+            key = str(meta[self.key_column])
+        record: dict[str, Any] = {"__key__": key, "txt": table[self.caption_column][row]}
+        if image:
+            record[image_ext(image)] = image
+        if meta:
+            record["json"] = json.dumps(meta, default=str).encode("utf-8")
+        return record
+
+    def __repr__(self) -> str:
+        return f"ParquetSource({len(self.paths)} files, {len(self)} rows, image={self.image_column!r}, " \
+               f"caption={self.caption_column!r})"
+
+
+# ----------------------------------------------------------------------------- array_record
+
+def encode_record(record: Mapping[str, Any]) -> bytes:
+    """The ArrayRecord record format: one msgpack map {str: bytes | str} per sample.
+
+    Keys are the webdataset member names without the key ('jpg', 'txt', 'json', ...)
+    plus '__key__' (str); values are the member bytes. Internal keys other than
+    '__key__' (e.g. '__shard__') are not written.
+    """
+    import msgpack  # pylint: disable=g-import-not-at-top
+    out = {}
+    for k, v in record.items():
+        if k.startswith("__") and k != "__key__":
+            continue
+        if isinstance(v, (dict, list)):
+            v = json.dumps(v).encode("utf-8")
+        out[k] = v
+    return msgpack.packb(out, use_bin_type=True)
+
+
+def decode_record(data: bytes) -> dict[str, Any]:
+    import msgpack  # pylint: disable=g-import-not-at-top
+    return msgpack.unpackb(data, raw=False)
+
+
+class ArrayRecordSource(_Picklable):
+    """Samples of ArrayRecord files written by `simvlm_jax.data.convert` (see `encode_record`),
+    read through `grain.sources.ArrayRecordDataSource`."""
+    _TRANSIENT = ("_source",)
+
+    def __init__(self, paths: str | Sequence[str]):
+        self.paths = expand_paths(paths)
+        for p in self.paths:
+            if is_remote(p):
+                raise ValueError(f"{p}: ArrayRecord files are read by a C++ reader that needs a local "
+                                 f"path. Copy the files locally or mount the bucket (e.g. gcsfuse).")
+        import grain  # pylint: disable=g-import-not-at-top
+        try:
+            self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        except Exception as e:  # pylint: disable=broad-except
+            raise ValueError(f"Cannot read ArrayRecord files {self.paths[:3]}...: {type(e).__name__}: {e}. "
+                             f"Write them with `python -m simvlm_jax.data.convert`.") from e
+        self._len = len(self._source)
+
+    def _reset_transient(self):
+        import grain  # pylint: disable=g-import-not-at-top
+        self._source = grain.sources.ArrayRecordDataSource(self.paths)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            data = self._source[int(index)]
+        except FileNotFoundError:
+            return error_record(f"array_record:{index}", "shard_missing")
+        except Exception:  # pylint: disable=broad-except
+            return error_record(f"array_record:{index}", "shard_unreadable")
+        try:
+            return decode_record(data)
+        except Exception:  # pylint: disable=broad-except
+            return error_record(f"array_record:{index}", "record_corrupt")
+
+    def __repr__(self) -> str:
+        return f"ArrayRecordSource({len(self.paths)} files, {len(self)} records)"
+
+
+# ----------------------------------------------------------------------------- tfds
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _to_py(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_to_py(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, bytes):
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return v
+
+
+class TfdsSource(_Picklable):
+    """Image-text records of a TFDS dataset prepared in the array_record format (random access).
+
+    `image_key` is the image feature (read undecoded); `caption_key` the caption
+    feature, '/'-separated for nested features ('captions/text' for coco_captions);
+    a list-valued caption gives every element as 'references' and the first as 'txt'.
+    None picks the first present of ('captions/text', 'caption', 'text', 'captions').
+    Prepare with `tfds build NAME --data_dir=DIR --file_format=array_record`.
+    """
+    _TRANSIENT = ("_source",)
+    CAPTION_KEYS = ("captions/text", "caption", "text", "captions", "sentences/raw")
+
+    def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
+                 image_key: str = "image", caption_key: str | None = None):
+        self.name, self.split, self.data_dir = name, split, data_dir
+        self.image_key, self.caption_key = image_key, caption_key
+        self._source = self._open()
+        self._len = len(self._source)
+
+    def _open(self):
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+        where = f"data_dir={self.data_dir!r}" if self.data_dir else "the default data_dir (~/tensorflow_datasets)"
+        build = (f"tfds build {self.name.split(':')[0]} --file_format=array_record"
+                 + (f" --data_dir={self.data_dir}" if self.data_dir else ""))
+        try:
+            builder = tfds.builder(self.name, data_dir=self.data_dir)
+        except Exception as e:  # pylint: disable=broad-except
+            raise FileNotFoundError(f"TFDS dataset {self.name!r} not found in {where} "
+                                    f"({type(e).__name__}). Prepare it with `{build}`.") from None
+        if not builder.is_prepared():
+            raise FileNotFoundError(f"TFDS dataset {self.name!r} is not prepared in {where} "
+                                    f"(looked in {builder.data_dir}). Prepare it with `{build}`.")
+        fmt = str(getattr(builder.info.file_format, "value", builder.info.file_format))
+        if fmt not in ("array_record", "parquet"):
+            raise ValueError(f"TFDS dataset {self.name!r} in {builder.data_dir} is stored as {fmt}, which has no "
+                             f"random access. Rebuild it with `{build}` (or `tfds convert_format "
+                             f"--dataset_dir={builder.data_dir} --out_file_format=array_record`).")
+        if self.split not in builder.info.splits:
+            raise ValueError(f"TFDS dataset {self.name!r} has no split {self.split!r}; "
+                             f"available: {sorted(builder.info.splits)}")
+        decoders = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
+                    if isinstance(f, tfds.features.Image)}
+        if self.image_key not in builder.info.features:
+            raise ValueError(f"TFDS dataset {self.name!r} has no feature {self.image_key!r}; its features are "
+                             f"{list(builder.info.features)}. Set TfdsSource(image_key=...).")
+        return builder.as_data_source(split=self.split, decoders=decoders)
+
+    def _reset_transient(self):
+        self._source = self._open()
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        key = f"{self.name}/{self.split}:{index}"
+        try:
+            ex = _flatten(self._source[int(index)])
+        except FileNotFoundError:
+            return error_record(key, "shard_missing")
+        except Exception:  # pylint: disable=broad-except
+            return error_record(key, "shard_unreadable")
+        record: dict[str, Any] = {"__key__": key}
+        image = ex.get(self.image_key)
+        if isinstance(image, (bytes, np.bytes_)) and image:
+            record[image_ext(bytes(image))] = bytes(image)
+        cap_key = self.caption_key or next((k for k in self.CAPTION_KEYS if k in ex), None)
+        caption = _to_py(ex.get(cap_key)) if cap_key else None
+        if isinstance(caption, list):
+            refs = [c for c in caption if isinstance(c, str)]
+            record["json"] = json.dumps({"references": refs}).encode("utf-8")
+            caption = refs[0] if refs else None
+        record["txt"] = caption
+        return record
+
+    def __repr__(self) -> str:
+        return f"TfdsSource({self.name!r}, split={self.split!r}, {len(self)} examples)"
+
+
+# ----------------------------------------------------------------------------- coco
+
+class CocoCaptionsSource(_Picklable):
+    """COCO-style captions: one record per image, all its captions as json 'references',
+    the first as 'txt'.
+
+    `annotations_json` is either COCO's `captions_*.json` ({'images': [{'id', 'file_name'}],
+    'annotations': [{'image_id', 'caption'}]}) or Karpathy's `dataset_coco.json`
+    ({'images': [{'filename', 'filepath', 'sentences': [{'raw'}], 'split', 'cocoid'}]});
+    `split` (str or list, Karpathy only) keeps those splits, e.g. ['train', 'restval'].
+    Images are read from `image_dir/filepath/filename` (Karpathy) or `image_dir/file_name`.
+    """
+
+    def __init__(self, annotations_json: str, image_dir: str, split: str | Sequence[str] | None = None):
+        (self.annotations_json,) = expand_paths(annotations_json)[:1]
+        self.image_dir = image_dir
+        if not is_remote(image_dir) and not os.path.isdir(image_dir):
+            raise FileNotFoundError(f"COCO image directory not found: {image_dir!r}. Set image_dir "
+                                    f"(gin: source_kwargs={{'image_dir': '...'}}) to the folder holding the images.")
+        try:
+            with open_file(self.annotations_json) as f:
+                data = json.load(f)
+            images = data["images"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{self.annotations_json}: not a COCO captions / Karpathy json "
+                             f"({type(e).__name__}: {e}).") from e
+        splits = None if split is None else ({split} if isinstance(split, str) else set(split))
+        self._items: list[tuple[str, list[str], Any]] = []  # (relative image path, captions, image id)
+        if "annotations" in data:  # COCO format
+            if splits is not None:
+                raise ValueError(f"{self.annotations_json}: `split` filters Karpathy's dataset_coco.json; "
+                                 f"COCO captions files are already one split.")
+            caps: dict[Any, list[str]] = collections.defaultdict(list)
+            for ann in data["annotations"]:
+                caps[ann["image_id"]].append(ann["caption"])
+            for img in images:
+                self._items.append((img["file_name"], caps.get(img["id"], []), img["id"]))
+        else:  # Karpathy format
+            for img in images:
+                if splits is not None and img.get("split") not in splits:
+                    continue
+                rel = os.path.join(img.get("filepath", ""), img["filename"])
+                self._items.append((rel, [s["raw"] for s in img.get("sentences", [])],
+                                    img.get("cocoid", img.get("imgid"))))
+        if not self._items:
+            raise ValueError(f"{self.annotations_json}: no images"
+                             + (f" in split(s) {sorted(splits)}" if splits else "") + ".")
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _image_path(self, rel: str) -> str:
+        path = os.path.join(self.image_dir, rel)
+        if not is_remote(path) and not os.path.exists(path):
+            flat = os.path.join(self.image_dir, os.path.basename(rel))
+            if os.path.exists(flat):
+                return flat
+        return path
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rel, captions, image_id = self._items[int(index)]
+        try:
+            with open_file(self._image_path(rel)) as f:
+                data = f.read()
+        except FileNotFoundError:
+            return error_record(rel, "image_file_missing")
+        except OSError:
+            return error_record(rel, "image_file_unreadable")
+        ext = rel.rsplit(".", 1)[-1].lower() if "." in rel else image_ext(data)
+        meta = {"image_id": image_id, "file_name": rel, "references": captions}
+        return {"__key__": rel, ext: data, "txt": captions[0] if captions else None,
+                "json": json.dumps(meta).encode("utf-8")}
+
+    def __repr__(self) -> str:
+        return f"CocoCaptionsSource({self.annotations_json!r}, {len(self)} images)"
+
+
+# ----------------------------------------------------------------------------- registry
+
+# kind -> (constructor, name of the argument that the per-split spec fills)
+SOURCE_TYPES: dict[str, tuple[Callable[..., Any], str]] = {
+    "tar": (TarShardSource, "paths"),
+    "parquet": (ParquetSource, "paths"),
+    "array_record": (ArrayRecordSource, "paths"),
+    "tfds": (TfdsSource, "split"),
+    "coco": (CocoCaptionsSource, "annotations_json"),
+    "text": (TextLineSource, "paths"),
+    "jsonl": (JsonlTextSource, "paths"),
+}
+
+
+def make_source(kind: str, spec: Any, **kwargs):
+    """Builds a source of `kind` (a SOURCE_TYPES key). `spec` is the per-split value: a path /
+    glob / list of them (a TFDS split name for 'tfds', the annotations json for 'coco'), or a
+    dict of constructor arguments; `kwargs` are shared arguments (e.g. tfds `name`)."""
+    if kind not in SOURCE_TYPES:
+        raise ValueError(f"Unknown source type {kind!r}; choose one of {sorted(SOURCE_TYPES)}.")
+    ctor, arg = SOURCE_TYPES[kind]
+    args = dict(kwargs)
+    if isinstance(spec, Mapping):
+        args.update(spec)
+    else:
+        args[arg] = spec
+    try:
+        return ctor(**args)
+    except TypeError as e:
+        raise ValueError(f"Bad arguments for source {kind!r} ({ctor.__name__}): {e}") from e
 
 
 class SeqioSource(seqio.DataSource):
@@ -193,14 +762,18 @@ class SeqioSource(seqio.DataSource):
         order = np.arange(index, len(src), num)
         if shuffle:
             np.random.default_rng(seed).shuffle(order)
+        first = next((r for r in (src[int(i)] for i in order[:100]) if ERROR_KEY not in r), {})
+        keys = sorted(first)
 
         def gen():
             for i in order:
                 rec = src[int(i)]
-                yield {k: (v.encode() if isinstance(v, str) else v) for k, v in rec.items()}
+                if ERROR_KEY in rec:
+                    continue
+                yield {k: (rec.get(k) or b"") if not isinstance(rec.get(k), str) else rec[k].encode()
+                       for k in keys}
 
-        first = src[int(order[0])] if len(order) else {}
-        sig = {k: tf.TensorSpec((), tf.string) for k in first}
+        sig = {k: tf.TensorSpec((), tf.string) for k in keys}
         return tf.data.Dataset.from_generator(gen, output_signature=sig)
 
 
@@ -209,7 +782,10 @@ def read_json(record: Mapping[str, Any]) -> dict:
     raw = record.get("json")
     if not raw:
         return {}
+    if isinstance(raw, dict):
+        return raw
     try:
-        return json.loads(raw)
+        out = json.loads(raw)
+        return out if isinstance(out, dict) else {}
     except (ValueError, UnicodeDecodeError):
         return {}

@@ -31,23 +31,41 @@ def _add_task(task: seqio.Task) -> seqio.Task:
     return task
 
 
+def _seqio_source(kind: str, splits: Mapping[str, object], source_kwargs: Mapping | None,
+                  argname: str) -> sources.SeqioSource:
+    if kind not in sources.SOURCE_TYPES:
+        raise ValueError(f"{argname}: unknown source {kind!r}; choose one of {sorted(sources.SOURCE_TYPES)}.")
+    if not isinstance(splits, Mapping) or not splits:
+        raise ValueError(f"{argname} must map split -> data, e.g. {{'train': '/data/x/*.tar'}}; got {splits!r}")
+    kwargs = dict(source_kwargs or {})
+    return sources.SeqioSource({split: (lambda s=spec: sources.make_source(kind, s, **kwargs))
+                                for split, spec in splits.items()})
+
+
 @gin.configurable
-def image_text_task(name: str = gin.REQUIRED, shards: Mapping[str, str | Sequence[str]] = gin.REQUIRED,
+def image_text_task(name: str = gin.REQUIRED, shards: Mapping[str, object] = gin.REQUIRED,
                     image_size: int = gin.REQUIRED, max_prefix_len: int = gin.REQUIRED,
                     max_target_len: int = gin.REQUIRED, text_prefix_prob: float = 0.5,
                     lowercase: bool = False, max_caption_chars: int = 2000,
-                    vocabulary: seqio.Vocabulary | None = None) -> seqio.Task:
-    """Registers an image-text PrefixLM task over webdataset tar shards.
+                    vocabulary: seqio.Vocabulary | None = None, source: str = "tar",
+                    source_kwargs: Mapping | None = None,
+                    max_image_pixels: int = 50_000_000) -> seqio.Task:
+    """Registers an image-text PrefixLM task.
 
-    `shards` maps split -> glob(s), e.g. {'train': '/data/laion/{00000..00999}.tar'}
-    written as a glob: {'train': '/data/laion/*.tar'}.
+    `source` is a `sources.SOURCE_TYPES` key: 'tar' (webdataset shards, default),
+    'parquet', 'array_record', 'tfds' or 'coco'. `shards` maps split -> that source's
+    data: glob(s) for tar/parquet/array_record, e.g. {'train': '/data/laion/*.tar'};
+    a TFDS split name for tfds ({'train': 'train', 'validation': 'val'}); the
+    annotations json for coco. A split's value may also be a dict of the source's
+    arguments. `source_kwargs` are arguments shared by every split (tfds: name,
+    data_dir; coco: image_dir; parquet: image_column, caption_column). See docs/data.md.
     """
     vocab = vocabulary or tokenizer.get_vocabulary()
-    source = sources.SeqioSource({split: (lambda p=paths: sources.TarShardSource(p))
-                                  for split, paths in shards.items()})
+    source_ = _seqio_source(source, shards, source_kwargs, f"image_text_task({name!r}).shards")
     return _add_task(seqio.Task(
-        name, source=source, output_features=_output_features(vocab),
-        preprocessors=[pp.DecodeImage(image_size), pp.CleanCaption(max_caption_chars, lowercase),
+        name, source=source_, output_features=_output_features(vocab),
+        preprocessors=[pp.DecodeImage(image_size, max_image_pixels),
+                       pp.CleanCaption(max_caption_chars, lowercase),
                        pp.Tokenize(vocab, max_prefix_len + max_target_len),
                        pp.PrefixLMSplit(max_prefix_len, max_target_len, text_prefix_prob),
                        pp.SelectFeatures()],
@@ -55,16 +73,20 @@ def image_text_task(name: str = gin.REQUIRED, shards: Mapping[str, str | Sequenc
 
 
 @gin.configurable
-def text_task(name: str = gin.REQUIRED, files: Mapping[str, str | Sequence[str]] = gin.REQUIRED,
+def text_task(name: str = gin.REQUIRED, files: Mapping[str, object] = gin.REQUIRED,
               image_size: int = gin.REQUIRED, max_prefix_len: int = gin.REQUIRED,
               max_target_len: int = gin.REQUIRED, lowercase: bool = False,
-              max_chars: int = 20000, vocabulary: seqio.Vocabulary | None = None) -> seqio.Task:
-    """Registers a text-only PrefixLM task (random split point; no image)."""
+              max_chars: int = 20000, vocabulary: seqio.Vocabulary | None = None,
+              source: str = "text", source_kwargs: Mapping | None = None) -> seqio.Task:
+    """Registers a text-only PrefixLM task (random split point; no image).
+
+    `source`: 'text' (one document per line, default), 'jsonl' (`source_kwargs={'field': 'text'}`)
+    or 'array_record' (records with a 'text' or 'txt' member); `files` maps split -> glob(s).
+    """
     vocab = vocabulary or tokenizer.get_vocabulary()
-    source = sources.SeqioSource({split: (lambda p=paths: sources.TextLineSource(p))
-                                  for split, paths in files.items()})
+    source_ = _seqio_source(source, files, source_kwargs, f"text_task({name!r}).files")
     return _add_task(seqio.Task(
-        name, source=source, output_features=_output_features(vocab),
+        name, source=source_, output_features=_output_features(vocab),
         preprocessors=[pp.LineToText(), pp.CleanCaption(max_chars, lowercase),
                        pp.Tokenize(vocab, max_prefix_len + max_target_len),
                        pp.PrefixLMSplit(max_prefix_len, max_target_len),

@@ -1,0 +1,270 @@
+"""open_clip CoCa checkpoints <-> simvlm_jax CoCa params (`CoCaConfig.open_clip_compatible=True`).
+
+    from simvlm_jax import convert_open_clip as conv
+    cfg = conv.config_from_open_clip(open_clip.get_model_config('coca_ViT-B-32'))
+    params = conv.from_open_clip(conv.load_state_dict('open_clip_pytorch_model.bin'), cfg)
+    state_dict = conv.to_open_clip(params, cfg)      # numpy arrays, open_clip key names
+
+Command line (writes flax msgpack params):
+    python -m simvlm_jax.convert_open_clip --model coca_ViT-B-32 \
+        --checkpoint open_clip_pytorch_model.bin --output coca_b32.msgpack
+
+Token ids and images: open_clip's tokenizer output `text` [B, 76] (starting with
+<start_of_text> = 49406) is our `encode_text` input; for training/captioning pass
+`target_tokens = text[:, 1:]` (the model prepends `bos_id` = 49406). Images: float
+arrays already normalized with the OpenAI mean/std (NHWC), or uint8 (normalized with
+`CoCaConfig.image_mean/std`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, Mapping
+
+import numpy as np
+
+from simvlm_jax.models import coca
+
+# ----------------------------------------------------------------------------- config
+
+
+def config_from_open_clip(model_cfg: Mapping[str, Any], **overrides) -> coca.CoCaConfig:
+    """CoCaConfig for an open_clip CoCa model config dict (`open_clip.get_model_config(name)`)."""
+    v, t, m = model_cfg["vision_cfg"], model_cfg["text_cfg"], model_cfg["multimodal_cfg"]
+    embed_dim = model_cfg["embed_dim"]
+    head_width = v.get("head_width", 64)
+    text_mlp = int(t.get("width", 512) * t.get("mlp_ratio", 4.0))
+    mm_mlp = int(m.get("width", 512) * m.get("mlp_ratio", 4))
+    unsupported = {k: v.get(k) for k in ("ls_init_value", "patch_dropout", "no_ln_pre", "pos_embed_type")
+                   if v.get(k) not in (None, 0.0, False, "learnable")}
+    if isinstance(v.get("attentional_pool"), str):
+        unsupported["vision_cfg.attentional_pool"] = v["attentional_pool"]
+    if not v.get("attentional_pool"):
+        unsupported["vision_cfg.attentional_pool"] = v.get("attentional_pool")
+    if not t.get("embed_cls"):
+        unsupported["text_cfg.embed_cls"] = t.get("embed_cls")
+    if t.get("width", 512) != m.get("width", 512) or t.get("heads", 8) != m.get("heads", 8) or text_mlp != mm_mlp:
+        unsupported["text/multimodal width, heads, mlp"] = (t.get("width"), m.get("width"))
+    if unsupported:
+        raise ValueError(f"config_from_open_clip: unsupported open_clip CoCa options {unsupported}")
+    kw = dict(
+        vocab_size=t.get("vocab_size", 49408),
+        image_size=v["image_size"], patch_size=v["patch_size"],
+        encoder_width=v["width"], encoder_layers=v["layers"], encoder_heads=v["width"] // head_width,
+        encoder_mlp_dim=int(v["width"] * v.get("mlp_ratio", 4.0)),
+        decoder_width=t.get("width", 512), unimodal_layers=t.get("layers", 12),
+        multimodal_layers=m.get("layers", 12), decoder_heads=t.get("heads", 8), decoder_mlp_dim=text_mlp,
+        embed_dim=embed_dim, n_queries=v.get("attn_pooler_queries", 256),
+        pooler_heads=v.get("attn_pooler_heads", 8),
+        max_text_len=t.get("context_length", 77) - 1, bos_id=49406, pad_id=t.get("pad_id", 0),
+        open_clip_compatible=True,
+        activation="quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu_exact",
+        layer_norm_eps=1e-5, image_mean=coca.OPENAI_MEAN, image_std=coca.OPENAI_STD)
+    kw.update(overrides)
+    return coca.CoCaConfig(**kw)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _np(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().float().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _ln_in(sd, p):
+    return {"scale": _np(sd[f"{p}.weight"]), "bias": _np(sd[f"{p}.bias"])}
+
+
+def _ln_out(tree, p):
+    return {f"{p}.weight": tree["scale"], f"{p}.bias": tree["bias"]}
+
+
+def _mha_in(sd, p, heads):
+    """torch nn.MultiheadAttention -> layers.Attention {query,key,value,out}."""
+    out_w, out_b = _np(sd[f"{p}.out_proj.weight"]), _np(sd[f"{p}.out_proj.bias"])
+    d = out_w.shape[0]
+    if f"{p}.in_proj_weight" in sd:
+        wq, wk, wv = np.split(_np(sd[f"{p}.in_proj_weight"]), 3, axis=0)
+    else:  # kdim/vdim != embed_dim
+        wq, wk, wv = (_np(sd[f"{p}.{n}_proj_weight"]) for n in "qkv")
+    bq, bk, bv = np.split(_np(sd[f"{p}.in_proj_bias"]), 3)
+    hd = d // heads
+
+    def proj(w, b):  # w [D_out, D_in]
+        return {"kernel": w.T.reshape(w.shape[1], heads, hd), "bias": b.reshape(heads, hd)}
+    return {"query": proj(wq, bq), "key": proj(wk, bk), "value": proj(wv, bv),
+            "out": {"kernel": out_w.T.reshape(heads, hd, d), "bias": out_b}}
+
+
+def _mha_out(tree, p):
+    def w(name):
+        k = np.asarray(tree[name]["kernel"])
+        return k.reshape(k.shape[0], -1).T, np.asarray(tree[name]["bias"]).reshape(-1)
+    (wq, bq), (wk, bk), (wv, bv) = w("query"), w("key"), w("value")
+    out_k = np.asarray(tree["out"]["kernel"])
+    sd = {f"{p}.in_proj_bias": np.concatenate([bq, bk, bv]),
+          f"{p}.out_proj.weight": out_k.reshape(-1, out_k.shape[-1]).T,
+          f"{p}.out_proj.bias": np.asarray(tree["out"]["bias"])}
+    if wq.shape == wk.shape == wv.shape and wq.shape[0] == wq.shape[1]:
+        sd[f"{p}.in_proj_weight"] = np.concatenate([wq, wk, wv], axis=0)
+    else:
+        sd.update({f"{p}.q_proj_weight": wq, f"{p}.k_proj_weight": wk, f"{p}.v_proj_weight": wv})
+    return sd
+
+
+def _linear_in(sd, p):
+    return {"kernel": _np(sd[f"{p}.weight"]).T, "bias": _np(sd[f"{p}.bias"])}
+
+
+def _linear_out(tree, p):
+    return {f"{p}.weight": np.asarray(tree["kernel"]).T, f"{p}.bias": np.asarray(tree["bias"])}
+
+
+def _block_in(sd, p, heads, cross=False):
+    t = {"ln_1": _ln_in(sd, f"{p}.ln_1"), "attn": _mha_in(sd, f"{p}.attn", heads), "ln_2": _ln_in(sd, f"{p}.ln_2"),
+         "mlp": {"c_fc": _linear_in(sd, f"{p}.mlp.c_fc"), "c_proj": _linear_in(sd, f"{p}.mlp.c_proj")}}
+    if cross:
+        t["ln_1_kv"] = _ln_in(sd, f"{p}.ln_1_kv")
+    return t
+
+
+def _block_out(tree, p):
+    sd = {**_ln_out(tree["ln_1"], f"{p}.ln_1"), **_mha_out(tree["attn"], f"{p}.attn"),
+          **_ln_out(tree["ln_2"], f"{p}.ln_2"), **_linear_out(tree["mlp"]["c_fc"], f"{p}.mlp.c_fc"),
+          **_linear_out(tree["mlp"]["c_proj"], f"{p}.mlp.c_proj")}
+    if "ln_1_kv" in tree:
+        sd.update(_ln_out(tree["ln_1_kv"], f"{p}.ln_1_kv"))
+    return sd
+
+
+def _tree_map(fn, *trees):
+    if isinstance(trees[0], dict):
+        return {k: _tree_map(fn, *(t[k] for t in trees)) for k in trees[0]}
+    return fn(*trees)
+
+
+def _layers_in(blocks: list[dict], name: str, scan: bool) -> dict:
+    if scan:
+        return {name: _tree_map(lambda *xs: np.stack(xs), *blocks)} if blocks else {}
+    return {f"{name}_{i}": b for i, b in enumerate(blocks)}
+
+
+def _layers_out(tree: dict, name: str, n: int, scan: bool) -> list[dict]:
+    if scan:
+        return [_tree_map(lambda x, i=i: np.asarray(x)[i], tree[name]) for i in range(n)] if n else []
+    return [tree[f"{name}_{i}"] for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def from_open_clip(state_dict: Mapping[str, Any], cfg: coca.CoCaConfig) -> dict:
+    """open_clip CoCa state_dict (torch tensors or arrays) -> our params (numpy, unboxed)."""
+    if not cfg.open_clip_compatible:
+        raise ValueError("from_open_clip needs CoCaConfig.open_clip_compatible=True")
+    sd = dict(state_dict)
+    if "logit_bias" in sd:
+        raise ValueError("open_clip CoCa checkpoints with a logit_bias are not supported")
+    vh, dh, ph = cfg.encoder_heads, cfg.decoder_heads, cfg.num_pooler_heads
+    conv = _np(sd["visual.conv1.weight"])  # [W, 3, p, p]
+    visual = {"conv1": {"kernel": conv.transpose(2, 3, 1, 0)},
+              "class_embedding": _np(sd["visual.class_embedding"]),
+              "positional_embedding": _np(sd["visual.positional_embedding"]),
+              "ln_pre": _ln_in(sd, "visual.ln_pre"),
+              **_layers_in([_block_in(sd, f"visual.transformer.resblocks.{i}", vh)
+                            for i in range(cfg.encoder_layers)], "transformer", cfg.scan_layers)}
+    pooler = {"attn_pool": {"query": _np(sd["visual.attn_pool.query"]),
+                            "ln_q": _ln_in(sd, "visual.attn_pool.ln_q"),
+                            "ln_k": _ln_in(sd, "visual.attn_pool.ln_k"),
+                            "attn": _mha_in(sd, "visual.attn_pool.attn", ph)},
+              "ln_post": _ln_in(sd, "visual.ln_post"), "proj": _np(sd["visual.proj"])}
+    text = {"token_embedding": {"embedding": _np(sd["text.token_embedding.weight"])},
+            "cls_emb": _np(sd["text.cls_emb"]),
+            "positional_embedding": _np(sd["text.positional_embedding"]),
+            **_layers_in([_block_in(sd, f"text.transformer.resblocks.{i}", dh)
+                          for i in range(cfg.unimodal_layers)], "transformer", cfg.scan_layers),
+            "ln_final": _ln_in(sd, "text.ln_final"), "text_projection": _np(sd["text.text_projection"])}
+    decoder = {**_layers_in([{"resblock": _block_in(sd, f"text_decoder.resblocks.{i}", dh),
+                              "cross_attn": _block_in(sd, f"text_decoder.cross_attn.{i}", dh, cross=True)}
+                             for i in range(cfg.multimodal_layers)], "layers", cfg.scan_layers),
+               "ln_final": _ln_in(sd, "text_decoder.ln_final"),
+               "text_projection": _np(sd["text_decoder.text_projection"])}
+    params = {"visual": visual, "pooler": pooler, "text": text, "decoder": decoder,
+              "logit_scale": _np(sd["logit_scale"]).reshape(())}
+    _check_shapes(params, cfg)
+    return params
+
+
+def to_open_clip(params: Mapping[str, Any], cfg: coca.CoCaConfig) -> dict[str, np.ndarray]:
+    """Our params (open_clip-compatible CoCa) -> open_clip CoCa state_dict (numpy float32 arrays)."""
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), nn.meta.unbox(dict(params)))
+    v, pool, t, d = p["visual"], p["pooler"], p["text"], p["decoder"]
+    sd = {"visual.conv1.weight": v["conv1"]["kernel"].transpose(3, 2, 0, 1),
+          "visual.class_embedding": v["class_embedding"],
+          "visual.positional_embedding": v["positional_embedding"],
+          **_ln_out(v["ln_pre"], "visual.ln_pre")}
+    for i, blk in enumerate(_layers_out(v, "transformer", cfg.encoder_layers, cfg.scan_layers)):
+        sd.update(_block_out(blk, f"visual.transformer.resblocks.{i}"))
+    ap = pool["attn_pool"]
+    sd.update({"visual.attn_pool.query": ap["query"], **_ln_out(ap["ln_q"], "visual.attn_pool.ln_q"),
+               **_ln_out(ap["ln_k"], "visual.attn_pool.ln_k"), **_mha_out(ap["attn"], "visual.attn_pool.attn"),
+               **_ln_out(pool["ln_post"], "visual.ln_post"), "visual.proj": pool["proj"]})
+    sd.update({"text.token_embedding.weight": t["token_embedding"]["embedding"], "text.cls_emb": t["cls_emb"],
+               "text.positional_embedding": t["positional_embedding"],
+               **_ln_out(t["ln_final"], "text.ln_final"), "text.text_projection": t["text_projection"]})
+    for i, blk in enumerate(_layers_out(t, "transformer", cfg.unimodal_layers, cfg.scan_layers)):
+        sd.update(_block_out(blk, f"text.transformer.resblocks.{i}"))
+    for i, layer in enumerate(_layers_out(d, "layers", cfg.multimodal_layers, cfg.scan_layers)):
+        sd.update(_block_out(layer["resblock"], f"text_decoder.resblocks.{i}"))
+        sd.update(_block_out(layer["cross_attn"], f"text_decoder.cross_attn.{i}"))
+    sd.update({**_ln_out(d["ln_final"], "text_decoder.ln_final"),
+               "text_decoder.text_projection": d["text_projection"], "logit_scale": p["logit_scale"].reshape(())})
+    return sd
+
+
+def _check_shapes(params: dict, cfg: coca.CoCaConfig) -> None:
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    expected = nn.meta.unbox(coca.abstract_params(cfg))
+    exp = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if exp != got:
+        missing, extra = sorted(set(exp) - set(got)), sorted(set(got) - set(exp))
+        wrong = [(k, got[k], exp[k]) for k in sorted(set(exp) & set(got)) if got[k] != exp[k]]
+        raise ValueError(f"open_clip checkpoint does not match the CoCaConfig: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}, shape mismatches (name, checkpoint, config) {wrong[:5]}")
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+    """An open_clip checkpoint (.safetensors, or torch .bin/.pt loaded with weights_only=True)."""
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+        return dict(load_file(path))
+    import torch  # pylint: disable=g-import-not-at-top
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd:  # open_clip training checkpoints
+        sd = sd["state_dict"]
+    return {k.removeprefix("module."): _np(v) for k, v in sd.items()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="open_clip model name, e.g. coca_ViT-B-32")
+    ap.add_argument("--checkpoint", required=True, help=".bin/.pt/.safetensors open_clip state_dict")
+    ap.add_argument("--output", required=True, help="output .msgpack (flax serialization of the params)")
+    ap.add_argument("--scan_layers", action="store_true")
+    args = ap.parse_args(argv)
+    import open_clip  # pylint: disable=g-import-not-at-top
+    from flax import serialization  # pylint: disable=g-import-not-at-top
+    cfg = config_from_open_clip(open_clip.get_model_config(args.model), scan_layers=args.scan_layers)
+    params = from_open_clip(load_state_dict(args.checkpoint), cfg)
+    with open(args.output, "wb") as f:
+        f.write(serialization.msgpack_serialize(params))
+    print(f"wrote {coca.count_params(params):,} params to {args.output}; config: "
+          f"{dataclasses.asdict(cfg)}")
+
+
+if __name__ == "__main__":
+    main()

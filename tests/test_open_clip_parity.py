@@ -1,0 +1,176 @@
+"""open_clip CoCa <-> our open_clip-compatible CoCa: numerical parity and checkpoint round trips.
+
+Randomly initialized (and then randomly perturbed, so no bias/LayerNorm is at its
+trivial init) small open_clip CoCa models built through open_clip's own config
+classes, converted with `convert_open_clip`, must give the same image embedding,
+text embedding and caption logits (float32, relative error <= 1e-4).
+"""
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from simvlm_jax import convert_open_clip as conv
+from simvlm_jax.models import coca
+
+torch = pytest.importorskip("torch")
+
+
+def _import_open_clip():
+    """open_clip imports torchvision; the only torchvision wheel for torch 2.13 here is a CUDA
+    build whose C ops cannot load with CPU torch, and its meta registrations for nms/qnms then
+    fail. Declaring those two op schemas (never called) lets the pure-Python parts import."""
+    import sys  # pylint: disable=g-import-not-at-top
+    try:
+        import torchvision  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+        for mod in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[mod]
+        lib = torch.library.Library("torchvision", "FRAGMENT")
+        for op in ("nms", "qnms"):
+            try:
+                lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            except RuntimeError:  # already defined
+                pass
+        _import_open_clip.lib = lib  # keep the registration alive
+    return pytest.importorskip("open_clip")
+
+
+open_clip = _import_open_clip()
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B = 3
+CTX = 12  # text context length (with <start>), so max_text_len = 11
+BOS, EOT, VOCAB = 98, 99, 100
+
+
+def small_model_cfg(vision_width: int, quick_gelu: bool) -> dict:
+    """A shrunk open_clip CoCa config (same code paths as coca_ViT-B-32)."""
+    return {
+        "embed_dim": 32,
+        "quick_gelu": quick_gelu,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": vision_width, "patch_size": 8,
+                       "head_width": 16, "attentional_pool": True, "attn_pooler_heads": 4,
+                       "attn_pooler_queries": 9, "output_tokens": True},
+        "text_cfg": {"context_length": CTX, "vocab_size": VOCAB, "width": 32, "heads": 4, "layers": 2,
+                     "embed_cls": True, "output_tokens": True},
+        "multimodal_cfg": {"context_length": CTX, "vocab_size": VOCAB, "width": 32, "heads": 4, "layers": 2,
+                           "attn_pooler_heads": 4},
+    }
+
+
+def build_torch(model_cfg: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    model = open_clip.CoCa(**model_cfg).eval()
+    with torch.no_grad():
+        # open_clip leaves text_decoder.text_projection as torch.empty (its init_parameters is
+        # never called): initialize it. Then move every param off its init (zero biases, unit
+        # LayerNorms, ...) so that a mis-mapped bias or norm cannot go unnoticed.
+        torch.nn.init.normal_(model.text_decoder.text_projection, std=model.text_decoder.width ** -0.5)
+        for name, p in model.named_parameters():
+            if name != "logit_scale":
+                p.add_(0.05 * torch.randn_like(p))
+        assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    return model
+
+
+def make_text(rng) -> np.ndarray:
+    """[BOS, tokens..., EOT, 0...]: a full row (no pad), a short one, a medium one."""
+    text = np.zeros((B, CTX), np.int64)
+    for row, n in enumerate([CTX - 2, 3, 6]):
+        text[row, 0] = BOS
+        text[row, 1:n + 1] = rng.integers(1, BOS, n)
+        text[row, n + 1] = EOT
+    return text
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("vision_width,quick_gelu", [(48, False), (32, True)],
+                         ids=["kdim!=dim-gelu", "kdim==dim-quickgelu"])
+def test_open_clip_coca_parity(vision_width, quick_gelu):
+    model_cfg = small_model_cfg(vision_width, quick_gelu)
+    tmodel = build_torch(model_cfg)
+    cfg = conv.config_from_open_clip(model_cfg, bos_id=BOS)
+    assert cfg.activation == ("quick_gelu" if quick_gelu else "gelu_exact")
+    params = conv.from_open_clip(tmodel.state_dict(), cfg)
+
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((B, 3, 32, 32)).astype(np.float32)  # already normalized
+    text = make_text(rng)
+    with torch.no_grad():
+        ref = tmodel(torch.from_numpy(images), torch.from_numpy(text))
+        ref_text = tmodel.encode_text(torch.from_numpy(text)).numpy()
+    model = coca.CoCa(cfg)
+    batch = {"image": jnp.asarray(images.transpose(0, 2, 3, 1)), "target_tokens": jnp.asarray(text[:, 1:])}
+    out = jax.jit(lambda p, b: model.apply({"params": p}, b))(params, batch)
+    enc_text = jax.jit(lambda p, t: model.apply({"params": p}, t, method=model.encode_text))(
+        params, jnp.asarray(text))
+
+    assert out["logits"].shape == tuple(ref["logits"].shape) == (B, CTX - 1, VOCAB)
+    for ours, theirs, what in [(out["image_embed"], ref["image_features"], "image embedding"),
+                               (out["text_embed"], ref["text_features"], "text embedding"),
+                               (enc_text, ref_text, "encode_text"),
+                               (out["logits"], ref["logits"], "caption logits")]:
+        err = rel_err(ours, theirs.numpy() if hasattr(theirs, "numpy") else theirs)
+        assert err < 1e-4, (what, err)
+    np.testing.assert_allclose(float(out["logit_scale"]), float(ref["logit_scale"]), rtol=1e-6)
+
+
+def test_state_dict_round_trips_and_loads_strictly(tmp_path):
+    model_cfg = small_model_cfg(48, False)
+    tmodel = build_torch(model_cfg, seed=1)
+    sd = {k: v.numpy() for k, v in tmodel.state_dict().items()}
+    for scan in (False, True):
+        cfg = conv.config_from_open_clip(model_cfg, bos_id=BOS, scan_layers=scan)
+        params = conv.from_open_clip(sd, cfg)
+        if scan:  # stacked on a leading 'layers' axis
+            assert params["visual"]["transformer"]["ln_1"]["scale"].shape == (2, 48)
+        back = conv.to_open_clip(params, cfg)
+        assert set(back) == set(sd)
+        for k in sd:
+            np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+        # ours -> open_clip -> ours is the identity.
+        again = conv.from_open_clip(back, cfg)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, again, params)
+    # The exported state_dict loads strictly into a fresh open_clip model.
+    fresh = open_clip.CoCa(**model_cfg)
+    fresh.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in back.items()}, strict=True)
+    # Files: torch .bin (weights_only) and .safetensors.
+    torch.save(tmodel.state_dict(), tmp_path / "m.bin")
+    loaded = conv.load_state_dict(str(tmp_path / "m.bin"))
+    assert set(loaded) == set(sd) and all(np.array_equal(loaded[k], sd[k]) for k in sd)
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_torch.save_file({k: v.contiguous() for k, v in tmodel.state_dict().items()},
+                                str(tmp_path / "m.safetensors"))
+    loaded = conv.load_state_dict(str(tmp_path / "m.safetensors"))
+    assert set(loaded) == set(sd) and all(np.array_equal(loaded[k], sd[k]) for k in sd)
+    # A checkpoint for a different config is rejected with a clear message.
+    with pytest.raises(ValueError, match="does not match"):
+        conv.from_open_clip(sd, conv.config_from_open_clip(small_model_cfg(48, False), bos_id=BOS,
+                                                           n_queries=5))
+
+
+@pytest.mark.parametrize("name", ["coca_ViT-B-32", "coca_ViT-L-14"])
+def test_gin_configs_match_open_clip(name, clean_gin):
+    """The gin config equals the converted open_clip config, and has open_clip's param count."""
+    model_cfg = open_clip.get_model_config(name)
+    expected = conv.config_from_open_clip(model_cfg)
+    gin.parse_config_file(os.path.join(REPO, "gin", "models", f"{name}.gin"))
+    assert coca.CoCaConfig() == expected
+    with torch.device("meta"):
+        tmodel = open_clip.CoCa(**{k: v for k, v in model_cfg.items() if k != "custom_text"})
+    n_torch = sum(p.numel() for p in tmodel.parameters())
+    n_ours = coca.count_params(nn.meta.unbox(coca.abstract_params(expected)))
+    assert n_ours == n_torch, (n_ours, n_torch)
