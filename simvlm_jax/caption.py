@@ -15,6 +15,7 @@ Runs on the default device (CPU is fine); no mesh, no global settings.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import warnings
@@ -56,11 +57,11 @@ def tokens_to_text(vocab, row: Sequence[int]) -> str:
     return " ".join(vocab.decode(ids).split())  # one line, single spaces
 
 
+@functools.lru_cache(maxsize=8)
 def make_decoder(model, *, num_beams: int = 3, max_len: int | None = None, min_len: int = 0,
                  length_penalty: float = 1.0, repetition_penalty: float = 1.0):
-    """A jitted fn(params, images, prefix_tokens, has_image) -> tokens [B, max_len]."""
-    import functools  # pylint: disable=g-import-not-at-top
-
+    """A jitted fn(params, images, prefix_tokens, has_image) -> tokens [B, max_len]: beam
+    search, or greedy for num_beams=1 (cached per model config and settings)."""
     import jax  # pylint: disable=g-import-not-at-top
 
     from simvlm_jax import decoding  # pylint: disable=g-import-not-at-top

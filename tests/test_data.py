@@ -146,6 +146,19 @@ def test_pipeline_is_deterministic_per_seed(mixture):
     assert not _batches_equal(next(a), next(a))
 
 
+def test_pipeline_same_batches_with_worker_processes(mixture):
+    """grain multiprocessing workers change nothing about the batches, and their state resumes."""
+    plain = _iter(mixture, seed=5)
+    workers = _iter(mixture, seed=5, worker_count=2)
+    for _ in range(3):
+        _assert_batches_equal(next(plain), next(workers))
+    state = workers.get_state()
+    expected = next(plain)
+    fresh = _iter(mixture, seed=5, worker_count=2)
+    fresh.set_state(state)
+    _assert_batches_equal(next(fresh), expected)
+
+
 def test_pipeline_state_resumes_at_next_batch(mixture):
     it = _iter(mixture, seed=1)
     for _ in range(3):

@@ -75,9 +75,15 @@ def make_train_iterator(mixture_or_task_name: str = gin.REQUIRED, global_batch_s
     ds = ds[process_index::process_count]
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                  prefetch_buffer_size=prefetch_buffer_size))
-    it_ds = it_ds.batch(global_batch_size // process_count, drop_remainder=True)
     if worker_count > 0:
+        # Workers preprocess interleaved elements (worker w: w, w+W, ...) and are read back
+        # round-robin, then batched here: batches equal the worker-free pipeline's (as long
+        # as no example is skipped for bad data, which shifts later examples by one).
+        from absl import flags  # pylint: disable=g-import-not-at-top
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; we don't use absl's CLI
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    it_ds = it_ds.batch(global_batch_size // process_count, drop_remainder=True)
     return iter(it_ds)
 
 
