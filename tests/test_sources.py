@@ -422,3 +422,28 @@ def test_one_shard_of_every_bad_case_runs_through_the_pipeline(tmp_path, vocab, 
     # The glob matching nothing is an error at start.
     with pytest.raises(FileNotFoundError, match="nothing-"):
         sources.TarShardSource(str(tmp_path / "nothing-*.tar"))
+
+
+def test_random_resized_crop_is_deterministic_and_varies():
+    """crop='random': same rng -> same crop; different rngs -> different crops; size and
+    aspect bounds respected; bad data still skipped and counted."""
+    import io  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    from simvlm_jax.data import preprocessors as pp  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (96, 128, 3)).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    record = {"__key__": "k", "png": buf.getvalue(), "txt": b"a red circle"}
+    t = pp.DecodeImageRandomCrop(32, scale=(0.3, 0.6))
+    a = t.random_map(dict(record), np.random.default_rng(1))["image"]
+    b = t.random_map(dict(record), np.random.default_rng(1))["image"]
+    c = t.random_map(dict(record), np.random.default_rng(2))["image"]
+    center = pp.DecodeImage(32).map(dict(record))["image"]
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and not np.array_equal(a, center)
+    before = pp.skipped_counts().get("image_decode_error", 0)
+    assert t.random_map({"__key__": "bad", "jpg": b"not an image", "txt": b"x"}, np.random.default_rng(0)) is None
+    assert pp.skipped_counts().get("image_decode_error", 0) == before + 1

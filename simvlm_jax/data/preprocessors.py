@@ -137,12 +137,15 @@ class DecodeImage(grain.transforms.Map):
     formats: tuple[str, ...] = SUPPORTED_FORMATS
 
     def map(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        return self._decode(record, lambda img: resize_center_crop(img, self.image_size))
+
+    def _decode(self, record: dict[str, Any] | None, crop) -> dict[str, Any] | None:
         if record is None or record_error(record):
             return None
         try:
             img = open_image(find_image(record), self.max_image_pixels, tuple(self.formats),
                              min_size=self.image_size)
-            image = resize_center_crop(img, self.image_size)
+            image = crop(img)
         except BadImage as e:
             skip(e.reason)
             return None
@@ -154,6 +157,39 @@ class DecodeImage(grain.transforms.Map):
             caption = sources.read_json(record).get("caption")
         return {"image": image, "has_image": np.int32(1), "text": caption,
                 "key": record.get("__key__", "")}
+
+
+def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
+                        scale: tuple[float, float] = (0.5, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+    """Inception-style crop: a random box of `scale` x area and `ratio` aspect, resized to size²
+    (falls back to the center crop when no box fits in 10 tries)."""
+    w, h = img.size
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        cw, ch = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return np.asarray(img.resize((size, size), Image.BICUBIC,
+                                         box=(left, top, left + cw, top + ch)), np.uint8)
+    return resize_center_crop(img, size)
+
+
+@dataclasses.dataclass
+class DecodeImageRandomCrop(grain.transforms.RandomMap):
+    """`DecodeImage` with a random resized crop (training augmentation) instead of the
+    center crop; same skipping and counting of bad data."""
+    image_size: int
+    max_image_pixels: int = 50_000_000
+    formats: tuple[str, ...] = SUPPORTED_FORMATS
+    scale: tuple[float, float] = (0.5, 1.0)
+
+    def random_map(self, record: dict[str, Any] | None, rng: np.random.Generator):
+        decoder = DecodeImage(self.image_size, self.max_image_pixels, self.formats)
+        return decoder._decode(record, lambda img: random_resized_crop(  # pylint: disable=protected-access
+            img, self.image_size, rng, tuple(self.scale)))
 
 
 @dataclasses.dataclass

@@ -42,6 +42,14 @@ def _seqio_source(kind: str, splits: Mapping[str, object], source_kwargs: Mappin
                                 for split, spec in splits.items()})
 
 
+def _image_decoder(crop: str, image_size: int, max_image_pixels: int, crop_scale) -> object:
+    if crop == "center":
+        return pp.DecodeImage(image_size, max_image_pixels)
+    if crop == "random":
+        return pp.DecodeImageRandomCrop(image_size, max_image_pixels, scale=tuple(crop_scale))
+    raise ValueError(f"image_text_task.crop={crop!r}; use 'center' or 'random'")
+
+
 @gin.configurable
 def image_text_task(name: str = gin.REQUIRED, shards: Mapping[str, object] = gin.REQUIRED,
                     image_size: int = gin.REQUIRED, max_prefix_len: int = gin.REQUIRED,
@@ -49,8 +57,12 @@ def image_text_task(name: str = gin.REQUIRED, shards: Mapping[str, object] = gin
                     lowercase: bool = False, max_caption_chars: int = 2000,
                     vocabulary: seqio.Vocabulary | None = None, source: str = "tar",
                     source_kwargs: Mapping | None = None,
-                    max_image_pixels: int = 50_000_000) -> seqio.Task:
+                    max_image_pixels: int = 50_000_000, crop: str = "center",
+                    crop_scale: tuple[float, float] = (0.5, 1.0)) -> seqio.Task:
     """Registers an image-text PrefixLM task.
+
+    Images: aspect-preserving resize of the shorter side + center crop (`crop='center'`),
+    or a random resized crop of `crop_scale` x the area (`crop='random'`, training).
 
     `source` is a `sources.SOURCE_TYPES` key: 'tar' (webdataset shards, default),
     'parquet', 'array_record', 'tfds' or 'coco'. `shards` maps split -> that source's
@@ -64,7 +76,7 @@ def image_text_task(name: str = gin.REQUIRED, shards: Mapping[str, object] = gin
     source_ = _seqio_source(source, shards, source_kwargs, f"image_text_task({name!r}).shards")
     return _add_task(seqio.Task(
         name, source=source_, output_features=_output_features(vocab),
-        preprocessors=[pp.DecodeImage(image_size, max_image_pixels),
+        preprocessors=[_image_decoder(crop, image_size, max_image_pixels, crop_scale),
                        pp.CleanCaption(max_caption_chars, lowercase),
                        pp.Tokenize(vocab, max_prefix_len + max_target_len),
                        pp.PrefixLMSplit(max_prefix_len, max_target_len, text_prefix_prob),
