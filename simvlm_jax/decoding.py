@@ -209,7 +209,7 @@ class _BeamState(NamedTuple):
 def beam_search(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens: jax.Array,
                 has_image: jax.Array, *, num_beams: int = 3, max_len: int | None = None,
                 min_len: int = 0, length_penalty: float = 1.0, repetition_penalty: float = 1.0,
-                eos_id: int = EOS_ID) -> tuple[jax.Array, jax.Array]:
+                eos_id: int = EOS_ID, early_stop: bool = True) -> tuple[jax.Array, jax.Array]:
     """Beam search with the KV cache. Returns (tokens [B, max_len] of the best hypothesis,
     0 after EOS; scores [B]).
 
@@ -221,6 +221,7 @@ def beam_search(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens: 
     `length_penalty=0` is exactly greedy decoding. Stops once no alive hypothesis can beat
     the worst finished one of any example: alive log-probs only decrease, so the bound is
     `best_alive_logp / lp(max_len)` for length_penalty >= 0 (`lp(next length)` below 0).
+    The bound is exact, so `early_stop=False` (run to max_len) returns the same result.
     Hypotheses still alive at max_len compete with the finished ones. Jit-compatible.
     """
     cfg = model.config
@@ -271,8 +272,8 @@ def beam_search(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens: 
     def cond(state: _BeamState):
         bound_len = jnp.where(alpha >= 0, max_len, state.t + 1)
         best_possible = state.alive_logp[:, 0] / lp(bound_len)
-        done = state.fin_score[:, -1] > best_possible
-        return jnp.logical_and(state.t < max_len, jnp.logical_not(jnp.all(done)))
+        done = jnp.logical_and(early_stop, jnp.all(state.fin_score[:, -1] > best_possible))
+        return jnp.logical_and(state.t < max_len, jnp.logical_not(done))
 
     def body(state: _BeamState):
         last = jax.lax.dynamic_index_in_dim(state.alive_seq, state.t - 1, axis=2, keepdims=False)
@@ -292,11 +293,12 @@ def beam_search(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens: 
 @functools.lru_cache(maxsize=8)
 def jitted_beam_search(model: simvlm.SimVLM, num_beams: int = 3, max_len: int | None = None,
                        min_len: int = 0, length_penalty: float = 1.0,
-                       repetition_penalty: float = 1.0, eos_id: int = EOS_ID):
+                       repetition_penalty: float = 1.0, eos_id: int = EOS_ID, early_stop: bool = True):
     """A jitted `beam_search(params, images, prefix_tokens, has_image)` (cached per settings)."""
     return jax.jit(functools.partial(
         beam_search, model, num_beams=num_beams, max_len=max_len, min_len=min_len,
-        length_penalty=length_penalty, repetition_penalty=repetition_penalty, eos_id=eos_id))
+        length_penalty=length_penalty, repetition_penalty=repetition_penalty, eos_id=eos_id,
+        early_stop=early_stop))
 
 
 # ----------------------------------------------------------------------------- sampling

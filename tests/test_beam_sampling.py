@@ -78,7 +78,7 @@ class Setup:
         # Every traced option is always passed (a missing keyword would mean a recompile).
         self.defaults = {
             self.greedy: dict(eos_id=1, min_len=0, repetition_penalty=1.0),
-            self.beam: dict(length_penalty=1.0, eos_id=1, min_len=0, repetition_penalty=1.0),
+            self.beam: dict(length_penalty=1.0, eos_id=1, min_len=0, repetition_penalty=1.0, early_stop=True),
             self.sample: dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, min_len=0,
                               eos_id=1)}
 
@@ -174,6 +174,23 @@ def test_beam_search_scores_at_least_greedy(s):
         assert np.all(scores >= greedy_scores - 1e-4), (scores, greedy_scores)
         better += int(np.sum(scores > greedy_scores + 1e-3))
     assert better >= 2
+
+
+def test_beam_search_early_stop_is_exact(s):
+    """Stopping once no alive hypothesis can beat the finished ones changes nothing, including
+    with length penalties that favour long hypotheses (where a bound on the current length,
+    as in HF's default heuristic, would stop too early)."""
+    longer = 0
+    for eos in _mid_tokens(s)[:4]:
+        for alpha in (0.0, 1.0, 2.0, 3.0, -0.5):
+            kw = dict(num_beams=4, length_penalty=alpha, eos_id=eos)
+            tokens, scores = s.run(s.beam, **kw)
+            full_tokens, full_scores = s.run(s.beam, early_stop=False, **kw)
+            np.testing.assert_array_equal(np.asarray(tokens), np.asarray(full_tokens), err_msg=str(kw))
+            np.testing.assert_allclose(np.asarray(scores), np.asarray(full_scores), rtol=1e-6)
+            if alpha == 3.0:
+                longer += int(np.sum(_lengths(tokens, eos) > _lengths(s.run(s.beam, **{**kw, "length_penalty": 0.0})[0], eos)))
+    assert longer > 0  # large penalties really select longer hypotheses
 
 
 def test_beam_search_scan_layers_matches_unrolled(s):

@@ -180,49 +180,8 @@ def stack(layer_cls: type[nn.Module], layer_kwargs: dict, num_layers: int, *, sc
     return apply
 
 
-class Attention(layers.Attention):
-    """`layers.Attention` with the standard 1/sqrt(head_dim) logit scale.
-
-    `layers.Attention` divides q by sqrt(head_dim) AND lets `jax.nn.dot_product_attention`
-    apply its default 1/sqrt(head_dim) again (1/head_dim overall); open_clip parity needs
-    the standard scale. Same params, logical axes and decode (KV cache) behaviour.
-    """
-
-    @nn.compact
-    def __call__(self, x: Array, kv_input: Array | None, mask: Array | None) -> Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        proj = functools.partial(layers.dense_general, (self.num_heads, self.head_dim), -1,
-                                 ("embed", "heads", "kv"), ("heads", "kv"), **kw)
-        q = layers.constrain(proj(name="query")(x), layers.BATCH_LENGTH_HEADS_KV)
-        key_proj, value_proj = proj(name="key"), proj(name="value")
-        if self.is_cross and self.decode:
-            ck = self.variable("cache", "cross_key", lambda: key_proj(kv_input))
-            cv = self.variable("cache", "cross_value", lambda: value_proj(kv_input))
-            k, v = ck.value, cv.value
-        elif self.decode:
-            k_new, v_new = key_proj(x), value_proj(x)
-            b, _, n, h = k_new.shape
-            shape = (b, self.max_decode_len, n, h)
-            ck = self.variable("cache", "cached_key", jnp.zeros, shape, k_new.dtype)
-            cv = self.variable("cache", "cached_value", jnp.zeros, shape, v_new.dtype)
-            idx = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-            i = idx.value
-            ck.value = jax.lax.dynamic_update_slice(ck.value, k_new, (0, i, 0, 0))
-            cv.value = jax.lax.dynamic_update_slice(cv.value, v_new, (0, i, 0, 0))
-            idx.value = i + x.shape[1]
-            k, v = ck.value, cv.value
-            step_mask = (jnp.arange(self.max_decode_len) <= i)[None, None, None, :]
-            mask = step_mask if mask is None else jnp.logical_and(mask, step_mask)
-        else:
-            src = x if kv_input is None else kv_input
-            k, v = key_proj(src), value_proj(src)
-        k = layers.constrain(k, layers.BATCH_LENGTH_HEADS_KV)
-        v = layers.constrain(v, layers.BATCH_LENGTH_HEADS_KV)
-        # attend() -> jax.nn.dot_product_attention scales by 1/sqrt(head_dim).
-        out = layers.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.attention_impl)
-        out = layers.constrain(out, layers.BATCH_LENGTH_HEADS_KV)
-        return layers.dense_general(x.shape[-1], (-2, -1), ("heads", "kv", "embed"), ("embed",), name="out",
-                                    **kw)(out)
+# The shared attention (standard 1/sqrt(head_dim) scale, logical axes, KV cache).
+Attention = layers.Attention
 
 
 class OpenCLIPMLP(nn.Module):

@@ -92,7 +92,7 @@ class Attention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         proj = functools.partial(dense_general, (self.num_heads, self.head_dim), -1,
                                  ("embed", "heads", "kv"), ("heads", "kv"), **kw)
-        q = proj(name="query")(x) / jnp.sqrt(self.head_dim).astype(self.dtype)
+        q = proj(name="query")(x)  # dot_product_attention applies the 1/sqrt(head_dim) scale
         q = constrain(q, BATCH_LENGTH_HEADS_KV)
         key_proj, value_proj = proj(name="key"), proj(name="value")
 
