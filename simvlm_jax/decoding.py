@@ -122,15 +122,23 @@ def greedy_decode(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens
 
     Stops early once every sequence has emitted EOS. Jit-compatible.
     """
+    def choose(logits, out, t):
+        logits = process_logits(logits, out, t, repetition_penalty=repetition_penalty, min_len=min_len,
+                                eos_id=eos_id)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return _decode_loop(model, params, images, prefix_tokens, has_image, max_len, eos_id, choose)
+
+
+def _decode_loop(model: simvlm.SimVLM, params, images, prefix_tokens, has_image, max_len: int | None,
+                 eos_id: int, choose) -> jax.Array:
+    """One token per step with the KV cache; `choose(logits, generated, t) -> tokens [B]`.
+    Stops once every row has emitted EOS; everything after a row's EOS is 0."""
     max_len = _resolve_max_len(model.config, max_len)
-    proc = functools.partial(process_logits, repetition_penalty=repetition_penalty, min_len=min_len,
-                             eos_id=eos_id)
     logits, cache, valid = _start(model, params, images, prefix_tokens, has_image)
-    b = images.shape[0]
-    out = jnp.zeros((b, max_len), jnp.int32)
-    token = jnp.argmax(proc(logits, out, 0), axis=-1).astype(jnp.int32)
+    out = jnp.zeros((images.shape[0], max_len), jnp.int32)
+    token = choose(logits, out, jnp.int32(0))
     out = out.at[:, 0].set(token)
-    done = token == eos_id
 
     def cond(carry):
         t, _, _, _, done = carry
@@ -139,12 +147,11 @@ def greedy_decode(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens
     def body(carry):
         t, token, cache, out, done = carry
         logits, cache = _step(model, params, cache, token, valid, t)
-        nxt = jnp.argmax(proc(logits, out, t), axis=-1).astype(jnp.int32)
-        nxt = jnp.where(done, PAD_ID, nxt)
+        nxt = jnp.where(done, PAD_ID, choose(logits, out, t))
         out = out.at[:, t].set(nxt)
         return t + 1, nxt, cache, out, jnp.logical_or(done, nxt == eos_id)
 
-    carry = (jnp.int32(1), token, cache, out, done)
+    carry = (jnp.int32(1), token, cache, out, token == eos_id)
     _, _, _, out, _ = jax.lax.while_loop(cond, body, carry)
     return _finalize(out, eos_id)
 
@@ -339,9 +346,6 @@ def sample_decode(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens
     `temperature <= 0` (or `top_k=1`) is greedy. Deterministic for a fixed `rng`;
     jit-compatible (`max_len` static; the other options may be traced).
     """
-    max_len = _resolve_max_len(model.config, max_len)
-    b = images.shape[0]
-
     def choose(logits, out, t):
         logits = process_logits(logits.astype(jnp.float32), out, t, repetition_penalty=repetition_penalty,
                                 min_len=min_len, eos_id=eos_id)
@@ -353,22 +357,4 @@ def sample_decode(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens
         sampled = jax.random.categorical(jax.random.fold_in(rng, t), logits, axis=-1).astype(jnp.int32)
         return jnp.where(temp > 0, sampled, greedy)
 
-    logits, cache, valid = _start(model, params, images, prefix_tokens, has_image)
-    out = jnp.zeros((b, max_len), jnp.int32)
-    token = choose(logits, out, jnp.int32(0))
-    out = out.at[:, 0].set(token)
-
-    def cond(carry):
-        t, _, _, _, done = carry
-        return jnp.logical_and(t < max_len, jnp.logical_not(jnp.all(done)))
-
-    def body(carry):
-        t, token, cache, out, done = carry
-        logits, cache = _step(model, params, cache, token, valid, t)
-        nxt = jnp.where(done, PAD_ID, choose(logits, out, t))
-        out = out.at[:, t].set(nxt)
-        return t + 1, nxt, cache, out, jnp.logical_or(done, nxt == eos_id)
-
-    carry = (jnp.int32(1), token, cache, out, token == eos_id)
-    _, _, _, out, _ = jax.lax.while_loop(cond, body, carry)
-    return _finalize(out, eos_id)
+    return _decode_loop(model, params, images, prefix_tokens, has_image, max_len, eos_id, choose)

@@ -208,7 +208,6 @@ class activate:  # pylint: disable=invalid-name
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying the target shardings (what AOT compile and restore need)."""
-    import optax  # pylint: disable=g-import-not-at-top
+    # optax MaskedNodes (frozen params' absent state) have no leaves and pass through.
     return jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings,
-        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from simvlm_jax import flops, partitioning
-from simvlm_jax.models import simvlm
+from simvlm_jax.models import layers, simvlm
 from simvlm_jax.metric_writer import MetricWriter
 
 log = logging.getLogger("simvlm_jax")
@@ -75,9 +75,9 @@ def make_optimizer(total_steps: int, name: str = "adamw", learning_rate: float =
         raise ValueError(f"make_optimizer.schedule={schedule!r}; use 'cosine', 'linear', 'rsqrt' or 'constant'")
     lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), decay],
                               [warmup_steps])
-    mu_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, None: None}.get(moment_dtype, "bad")
-    if isinstance(mu_dtype, str):
-        raise ValueError(f"make_optimizer.moment_dtype={moment_dtype!r}; use None, 'float32' or 'bfloat16'")
+    if moment_dtype is not None and moment_dtype not in layers.DTYPES:
+        raise ValueError(f"make_optimizer.moment_dtype={moment_dtype!r}; use None or one of {sorted(layers.DTYPES)}")
+    mu_dtype = layers.DTYPES.get(moment_dtype)
     chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     if name == "adamw":
         chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask,

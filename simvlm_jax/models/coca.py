@@ -42,7 +42,7 @@ from simvlm_jax.models import layers
 
 Array = jax.Array
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = layers.DTYPES
 ACTIVATIONS = ("gelu", "gelu_exact", "quick_gelu")
 OPENAI_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
 OPENAI_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
@@ -154,30 +154,6 @@ def _act(name: str) -> Callable[[Array], Array]:
     if name == "gelu_exact":
         return functools.partial(nn.gelu, approximate=False)
     return lambda x: x * jax.nn.sigmoid(1.702 * x)
-
-
-def stack(layer_cls: type[nn.Module], layer_kwargs: dict, num_layers: int, *, scan: bool,
-          remat_policy: str, name: str) -> Callable:
-    """`layers.layer_stack` for any scan-compatible layer class (`(x, *args) -> (x, None)`)."""
-    if remat_policy != "none":
-        layer_cls = nn.remat(layer_cls, policy=layers.REMAT_POLICIES[remat_policy], prevent_cse=not scan)
-
-    def apply(x, *args):
-        if num_layers == 0:
-            return x
-        if scan:
-            stacked = nn.scan(
-                layer_cls, variable_axes={"params": 0, "cache": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast,) * len(args), length=num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stacked(**layer_kwargs, name=name)(x, *args)
-            return x
-        for i in range(num_layers):
-            x, _ = layer_cls(**layer_kwargs, name=f"{name}_{i}")(x, *args)
-        return x
-
-    return apply
 
 
 # The shared attention (standard 1/sqrt(head_dim) scale, logical axes, KV cache).
@@ -328,8 +304,10 @@ class VisionEncoder(nn.Module):
             pos = _param(self, "positional_embedding", nn.initializers.normal(scale), ("position", "embed"),
                          (cfg.num_patches + 1, w), cfg.params_dtype)
             x = layers.layer_norm("ln_pre", eps=cfg.layer_norm_eps, **kw)(x + pos.astype(x.dtype)[None])
-            run = stack(OpenCLIPBlock, _openclip_kwargs(cfg, cfg.encoder_heads, cfg.encoder_mlp_dim),
-                        cfg.encoder_layers, scan=cfg.scan_layers, remat_policy=cfg.remat_policy, name="transformer")
+            run = layers.layer_stack(
+                _openclip_kwargs(cfg, cfg.encoder_heads, cfg.encoder_mlp_dim),
+                cfg.encoder_layers, scan=cfg.scan_layers, remat_policy=cfg.remat_policy, name="transformer",
+                layer_cls=OpenCLIPBlock)
             x = run(x, None)
         else:
             pos = _param(self, "pos_embedding", nn.initializers.normal(0.02), ("position", "embed"),
@@ -411,8 +389,10 @@ class TextEncoder(nn.Module):
         causal = jnp.tril(jnp.ones((length + 1, length + 1), bool))
         mask = causal[None, None] & text_key_mask(text, cfg)[:, None, None, :]
         if cfg.open_clip_compatible:
-            run = stack(OpenCLIPBlock, _openclip_kwargs(cfg, cfg.decoder_heads, cfg.decoder_mlp_dim),
-                        cfg.unimodal_layers, scan=cfg.scan_layers, remat_policy=cfg.remat_policy, name="transformer")
+            run = layers.layer_stack(
+                _openclip_kwargs(cfg, cfg.decoder_heads, cfg.decoder_mlp_dim),
+                cfg.unimodal_layers, scan=cfg.scan_layers, remat_policy=cfg.remat_policy, name="transformer",
+                layer_cls=OpenCLIPBlock)
         else:
             run = layers.layer_stack(
                 _transformer_layer_kwargs(cfg, d, cfg.decoder_heads, cfg.decoder_mlp_dim, deterministic),
@@ -437,8 +417,10 @@ class MultimodalDecoder(nn.Module):
         d, t = cfg.decoder_width, x.shape[1]
         causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
         if cfg.open_clip_compatible:
-            run = stack(OpenCLIPDecoderLayer, _openclip_kwargs(cfg, cfg.decoder_heads, cfg.decoder_mlp_dim),
-                        cfg.multimodal_layers, scan=cfg.scan_layers, remat_policy=cfg.remat_policy, name="layers")
+            run = layers.layer_stack(
+                _openclip_kwargs(cfg, cfg.decoder_heads, cfg.decoder_mlp_dim),
+                cfg.multimodal_layers, scan=cfg.scan_layers, remat_policy=cfg.remat_policy, name="layers",
+                layer_cls=OpenCLIPDecoderLayer)
             x = run(x, causal, image_tokens)
         else:
             run = layers.layer_stack(

@@ -17,6 +17,9 @@ import jax.numpy as jnp
 Array = jax.Array
 Dtype = Any
 
+# Config strings -> dtypes (compute dtype, param dtype, optimizer moments).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
 BATCH_LENGTH_HEADS_KV = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
@@ -191,8 +194,9 @@ REMAT_POLICIES = {
 
 
 def layer_stack(layer_kwargs: dict, num_layers: int, *, scan: bool, remat_policy: str,
-                name: str) -> Callable:
-    """Returns fn(x, *args) -> x applying `num_layers` TransformerLayers.
+                name: str, layer_cls: type[nn.Module] | None = None) -> Callable:
+    """Returns fn(x, *args) -> x applying `num_layers` layers of `layer_cls`
+    (default TransformerLayer; any module with `(x, *args) -> (x, None)`).
 
     `scan=True` stacks the params on a leading 'layers' axis and compiles one
     layer body (compile time flat in depth); `remat_policy` picks what the
@@ -200,11 +204,13 @@ def layer_stack(layer_kwargs: dict, num_layers: int, *, scan: bool, remat_policy
     """
     if remat_policy not in REMAT_POLICIES:
         raise ValueError(f"remat_policy={remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}")
-    layer_cls = TransformerLayer
+    layer_cls = layer_cls or TransformerLayer
     if remat_policy != "none":
         layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
 
     def apply(x, *args):
+        if num_layers == 0:
+            return x
         if scan:
             stacked = nn.scan(
                 layer_cls, variable_axes={"params": 0, "cache": 0},

@@ -21,7 +21,7 @@ from simvlm_jax.models import layers
 
 Array = jax.Array
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = layers.DTYPES
 
 
 @gin.configurable
