@@ -486,43 +486,58 @@ def rouge_l_scores(refs: list[list[str]], hyps: list[str], beta: float = 1.2) ->
 # CIDEr-D (sigma 6, n 4, clipped, x10)
 # --------------------------------------------------------------------------
 
-def cider_d_scores(refs: list[list[str]], hyps: list[str], n: int = 4, sigma: float = 6.0) -> list[float]:
-    """Per-image CIDEr-D exactly as pycocoevalcap's CiderScorer."""
-    crefs = [[_ngrams(r.split(), n) for r in rs] for rs in refs]
-    df: Counter = Counter()
-    for rs in crefs:
-        df.update(set(g for r in rs for g in r))
-    ref_len = math.log(float(len(crefs)))
+class CiderD:
+    """CIDEr-D exactly as pycocoevalcap's CiderScorer, with the references' n-gram vectors
+    (and document frequencies) computed once, so many hypothesis sets can be scored."""
 
-    def vec(counts: Counter):
-        v = [dict() for _ in range(n)]
-        norm = [0.0] * n
+    def __init__(self, refs: list[list[str]], n: int = 4, sigma: float = 6.0):
+        self.n, self.sigma = n, sigma
+        crefs = [[_ngrams(r.split(), n) for r in rs] for rs in refs]
+        self.df: Counter = Counter()
+        for rs in crefs:
+            self.df.update(set(g for r in rs for g in r))
+        self.ref_len = math.log(float(len(crefs)))
+        self.ref_vecs = [[self._vec(r) for r in rs] for rs in crefs]
+
+    def _vec(self, counts: Counter):
+        v = [dict() for _ in range(self.n)]
+        norm = [0.0] * self.n
         length = 0
         for g, tf in counts.items():
             k = len(g) - 1
-            v[k][g] = float(tf) * (ref_len - math.log(max(1.0, float(df.get(g, 0.0)))))
+            v[k][g] = float(tf) * (self.ref_len - math.log(max(1.0, float(self.df.get(g, 0.0)))))
             norm[k] += v[k][g] ** 2
             if k == 1:  # (sic) the toolkit's "length" counts bigrams
                 length += tf
         return v, [math.sqrt(x) for x in norm], length
 
-    scores = []
-    for rs, hyp in zip(crefs, hyps):
-        vh, nh, lh = vec(_ngrams(hyp.split(), n))
-        acc = [0.0] * n
-        for r in rs:
-            vr, nr, lr = vec(r)
-            delta = float(lh - lr)
-            for k in range(n):
-                val = 0.0
-                for g, x in vh[k].items():
-                    y = vr[k].get(g, 0.0)
-                    val += min(x, y) * y
-                if nh[k] != 0 and nr[k] != 0:
-                    val /= nh[k] * nr[k]
-                acc[k] += val * math.e ** (-(delta ** 2) / (2 * sigma ** 2))
-        scores.append(sum(acc) / n / len(rs) * 10.0)
-    return scores
+    def scores(self, hyps: list[str]) -> list[float]:
+        """Per-image CIDEr-D of `hyps` (one per reference set, same order)."""
+        n, sigma = self.n, self.sigma
+        out = []
+        hyp_vecs: dict[str, tuple] = {}  # repeated hypotheses (e.g. a constant caption) vectorized once
+        for ref_vecs, hyp in zip(self.ref_vecs, hyps):
+            if hyp not in hyp_vecs:
+                hyp_vecs[hyp] = self._vec(_ngrams(hyp.split(), n))
+            vh, nh, lh = hyp_vecs[hyp]
+            acc = [0.0] * n
+            for vr, nr, lr in ref_vecs:
+                delta = float(lh - lr)
+                for k in range(n):
+                    val = 0.0
+                    for g, x in vh[k].items():
+                        y = vr[k].get(g, 0.0)
+                        val += min(x, y) * y
+                    if nh[k] != 0 and nr[k] != 0:
+                        val /= nh[k] * nr[k]
+                    acc[k] += val * math.e ** (-(delta ** 2) / (2 * sigma ** 2))
+            out.append(sum(acc) / n / len(ref_vecs) * 10.0)
+        return out
+
+
+def cider_d_scores(refs: list[list[str]], hyps: list[str], n: int = 4, sigma: float = 6.0) -> list[float]:
+    """Per-image CIDEr-D exactly as pycocoevalcap's CiderScorer."""
+    return CiderD(refs, n, sigma).scores(hyps)
 
 
 # --------------------------------------------------------------------------

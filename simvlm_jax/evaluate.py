@@ -89,11 +89,10 @@ def best_constant_caption(references: dict[str, list[str]], max_candidates: int 
     counts = Counter(r for refs in references.values() for r in refs)
     candidates = [c for c, _ in counts.most_common(max_candidates)]
     keys = list(references)
-    refs_tok = [caption_metrics.ptb_tokenize_python(references[k]) for k in keys]
+    cider = caption_metrics.CiderD([caption_metrics.ptb_tokenize_python(references[k]) for k in keys])
     best = ("", -1.0)
-    for cand in candidates:
-        hyp = caption_metrics.ptb_tokenize_python([cand])[0]
-        scores = caption_metrics.cider_d_scores(refs_tok, [hyp] * len(keys))
+    for cand, hyp in zip(candidates, caption_metrics.ptb_tokenize_python(candidates)):
+        scores = cider.scores([hyp] * len(keys))
         score = float(np.mean(scores)) * 100
         if score > best[1]:
             best = (cand, score)
