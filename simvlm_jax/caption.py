@@ -15,10 +15,8 @@ Runs on the default device (CPU is fine); no mesh, no global settings.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
-import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,59 +24,31 @@ import numpy as np
 MAX_IMAGE_PIXELS = 50_000_000  # decompression-bomb guard, as in training
 
 
+def __getattr__(name: str):
+    # decoding's text helpers, re-exported lazily: importing them pulls in JAX/TF, which the
+    # export-dir check should not wait for.
+    if name in ("encode_prompt", "tokens_to_text", "make_decoder"):
+        from simvlm_jax import decoding  # pylint: disable=g-import-not-at-top
+        return getattr(decoding, name)
+    raise AttributeError(name)
+
+
 def load_image(path: str, image_size: int) -> np.ndarray:
-    """uint8 [image_size, image_size, 3]: RGB, shorter side resized, center crop."""
-    from PIL import Image  # pylint: disable=g-import-not-at-top
+    """uint8 [image_size, image_size, 3], decoded and cropped exactly as in training
+    (`preprocessors.open_image` + `resize_center_crop`)."""
     from simvlm_jax.data import preprocessors  # pylint: disable=g-import-not-at-top
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"image too large ({img.width}x{img.height})")
-            img.load()
-            if img.mode != "RGB":  # grayscale, CMYK, palette, alpha
-                img = img.convert("RGBA").convert("RGB") if "A" in img.getbands() or img.mode == "P" \
-                    else img.convert("RGB")
-            return preprocessors.resize_center_crop(img, image_size)
-
-
-def encode_prompt(vocab, prompt: str, max_prefix_len: int) -> np.ndarray:
-    ids = list(vocab.encode(prompt))[:max_prefix_len] if prompt else []
-    out = np.zeros((max_prefix_len,), np.int32)
-    out[:len(ids)] = ids
-    return out
-
-
-def tokens_to_text(vocab, row: Sequence[int]) -> str:
-    ids = [int(t) for t in row if t > 0]
-    if vocab.eos_id in ids:
-        ids = ids[:ids.index(vocab.eos_id)]
-    return " ".join(vocab.decode(ids).split())  # one line, single spaces
-
-
-@functools.lru_cache(maxsize=8)
-def make_decoder(model, *, num_beams: int = 3, max_len: int | None = None, min_len: int = 0,
-                 length_penalty: float = 1.0, repetition_penalty: float = 1.0):
-    """A jitted fn(params, images, prefix_tokens, has_image) -> tokens [B, max_len]: beam
-    search, or greedy for num_beams=1 (cached per model config and settings)."""
-    import jax  # pylint: disable=g-import-not-at-top
-
-    from simvlm_jax import decoding  # pylint: disable=g-import-not-at-top
-
-    if num_beams <= 1:
-        return jax.jit(functools.partial(decoding.greedy_decode, model, max_len=max_len, min_len=min_len,
-                                         repetition_penalty=repetition_penalty))
-    beam = functools.partial(decoding.beam_search, model, num_beams=num_beams, max_len=max_len,
-                             min_len=min_len, length_penalty=length_penalty,
-                             repetition_penalty=repetition_penalty)
-    return jax.jit(lambda *args: beam(*args)[0])
+    with open(path, "rb") as f:
+        data = f.read()
+    img = preprocessors.open_image(data, MAX_IMAGE_PIXELS, min_size=image_size)
+    return preprocessors.resize_center_crop(img, image_size)
 
 
 def iter_captions(model, params: Any, vocab, images: np.ndarray, prompt: str = "a picture of", *,
                   batch_size: int = 8, decoder=None, **decode_kwargs):
     """Yields the captions of uint8 images [N, S, S, 3] one batch (list of str) at a time.
     Batches are padded to one compiled shape, min(batch_size, N)."""
+    from simvlm_jax.decoding import encode_prompt, make_decoder, tokens_to_text  # pylint: disable=g-import-not-at-top
     if not len(images):
         return
     decoder = decoder or make_decoder(model, **decode_kwargs)
@@ -114,8 +84,11 @@ def _image_error(e: BaseException) -> str:
         return "is a directory"
     if isinstance(e, PermissionError):
         return "permission denied"
-    if type(e).__name__ == "UnidentifiedImageError":
+    if type(e).__name__ == "UnidentifiedImageError" or getattr(e, "reason", "") in (
+            "image_decode_error", "missing_image", "image_unsupported_format"):
         return "not a readable image (unknown or corrupt format)"
+    if getattr(e, "reason", "") == "image_too_large":
+        return "image too large"
     return f"cannot read image: {_one_line(e)}"
 
 

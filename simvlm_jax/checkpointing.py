@@ -18,7 +18,6 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from simvlm_jax import partitioning
 
 
 @gin.configurable
@@ -76,4 +75,3 @@ def _saved_items(manager: ocp.CheckpointManager, step: int) -> set[str]:
     return {p.name for p in path.iterdir()} if path.exists() else set()
 
 
-abstract_like = partitioning.abstract_like  # kept here for callers that restore

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from simvlm_jax.data.tokenizer import EOS_ID, PAD_ID
 from simvlm_jax.models import simvlm
@@ -177,12 +178,6 @@ def greedy_decode_no_cache(model: simvlm.SimVLM, params, images: jax.Array, pref
     return _finalize(out, eos_id)
 
 
-@functools.lru_cache(maxsize=8)
-def jitted_greedy(model: simvlm.SimVLM, max_len: int | None = None):
-    """A jitted greedy decoder for `model` (cached per model config)."""
-    return jax.jit(functools.partial(greedy_decode, model, max_len=max_len))
-
-
 # ----------------------------------------------------------------------------- beam search
 
 def gather_beams(cache: Any, flat_index: jax.Array, batch_axis: int, num_rows: int) -> Any:
@@ -297,17 +292,6 @@ def beam_search(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens: 
     return _finalize(tokens, eos_id), jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0]
 
 
-@functools.lru_cache(maxsize=8)
-def jitted_beam_search(model: simvlm.SimVLM, num_beams: int = 3, max_len: int | None = None,
-                       min_len: int = 0, length_penalty: float = 1.0,
-                       repetition_penalty: float = 1.0, eos_id: int = EOS_ID, early_stop: bool = True):
-    """A jitted `beam_search(params, images, prefix_tokens, has_image)` (cached per settings)."""
-    return jax.jit(functools.partial(
-        beam_search, model, num_beams=num_beams, max_len=max_len, min_len=min_len,
-        length_penalty=length_penalty, repetition_penalty=repetition_penalty, eos_id=eos_id,
-        early_stop=early_stop))
-
-
 # ----------------------------------------------------------------------------- sampling
 
 def filter_top_k(logits: jax.Array, top_k: int | jax.Array) -> jax.Array:
@@ -358,3 +342,34 @@ def sample_decode(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens
         return jnp.where(temp > 0, sampled, greedy)
 
     return _decode_loop(model, params, images, prefix_tokens, has_image, max_len, eos_id, choose)
+
+
+# ----------------------------------------------------------------------------- text in / out
+
+def encode_prompt(vocab, prompt: str, max_prefix_len: int) -> np.ndarray:
+    """The prompt's token ids, zero-padded to `max_prefix_len` (the encoder's text prefix)."""
+    ids = list(vocab.encode(prompt))[:max_prefix_len] if prompt else []
+    out = np.zeros((max_prefix_len,), np.int32)
+    out[:len(ids)] = ids
+    return out
+
+
+def tokens_to_text(vocab, row) -> str:
+    """Decoded tokens of one row up to its EOS, as one line with single spaces."""
+    ids = [int(t) for t in row if t > 0]
+    if vocab.eos_id in ids:
+        ids = ids[:ids.index(vocab.eos_id)]
+    return " ".join(vocab.decode(ids).split())
+
+
+@functools.lru_cache(maxsize=8)
+def make_decoder(model: simvlm.SimVLM, *, num_beams: int = 1, max_len: int | None = None, min_len: int = 0,
+                 length_penalty: float = 1.0, repetition_penalty: float = 1.0):
+    """A jitted fn(params, images, prefix_tokens, has_image) -> tokens [B, max_len]: greedy for
+    num_beams=1, else beam search (cached per model config and settings)."""
+    if num_beams <= 1:
+        return jax.jit(functools.partial(greedy_decode, model, max_len=max_len, min_len=min_len,
+                                         repetition_penalty=repetition_penalty))
+    beam = functools.partial(beam_search, model, num_beams=num_beams, max_len=max_len, min_len=min_len,
+                             length_penalty=length_penalty, repetition_penalty=repetition_penalty)
+    return jax.jit(lambda *args: beam(*args)[0])

@@ -49,20 +49,16 @@ def load_eval_examples(shards: str | list[str], image_size: int,
     return examples
 
 
-def encode_prompt(vocab, prompt: str, max_prefix_len: int) -> np.ndarray:
-    ids = list(vocab.encode(prompt))[:max_prefix_len] if prompt else []
-    return pp.pad_to(np.asarray(ids, np.int32), max_prefix_len)
-
-
 def generate_captions(model: simvlm.SimVLM, params: Any, vocab, images: np.ndarray, prompt: str,
-                      mesh: jax.sharding.Mesh, batch_size: int = 64,
-                      max_len: int | None = None) -> list[str]:
-    """Greedy-decodes captions for uint8 images [N,H,W,3] on `mesh` (batch-sharded)."""
+                      mesh: jax.sharding.Mesh, batch_size: int = 64, max_len: int | None = None,
+                      **decode_kwargs) -> list[str]:
+    """Captions uint8 images [N,H,W,3] on `mesh` (batch-sharded); `decode_kwargs` go to
+    `decoding.make_decoder` (num_beams, min_len, length_penalty, repetition_penalty)."""
     cfg = model.config
     shards = partitioning.num_batch_shards(mesh)
     batch_size = max(shards, batch_size // shards * shards)
-    prompt_ids = encode_prompt(vocab, prompt, cfg.max_prefix_len)
-    fn = decoding.jitted_greedy(model, max_len)
+    prompt_ids = decoding.encode_prompt(vocab, prompt, cfg.max_prefix_len)
+    fn = decoding.make_decoder(model, max_len=max_len, **decode_kwargs)
     captions: list[str] = []
     with partitioning.activate(mesh):
         for start in range(0, len(images), batch_size):
@@ -75,11 +71,7 @@ def generate_captions(model: simvlm.SimVLM, params: Any, vocab, images: np.ndarr
                 "has_image": np.ones((batch_size,), np.int32)}, mesh)
             tokens = np.asarray(jax.device_get(fn(params, batch["image"], batch["prefix_tokens"],
                                                   batch["has_image"])))
-            for row in tokens[:n]:
-                ids = [int(t) for t in row if t > 0]
-                if vocab.eos_id in ids:
-                    ids = ids[:ids.index(vocab.eos_id)]
-                captions.append(vocab.decode(ids).strip())
+            captions.extend(decoding.tokens_to_text(vocab, row) for row in tokens[:n])
     return captions
 
 
@@ -131,12 +123,16 @@ def evaluate_captioning(model: simvlm.SimVLM, params: Any, vocab, mesh: jax.shar
                         shards: str = gin.REQUIRED, prompt: str = "a picture of", batch_size: int = 64,
                         max_examples: int | None = None, max_decode_len: int | None = None,
                         metrics: Iterable[str] = ("bleu", "rouge_l", "cider"),
-                        with_constant_baseline: bool = True) -> dict[str, Any]:
-    """Zero-shot captioning on `shards`; writes captions.json, metrics.json, report.html."""
+                        with_constant_baseline: bool = True, num_beams: int = 1, min_len: int = 0,
+                        length_penalty: float = 1.0, repetition_penalty: float = 1.0) -> dict[str, Any]:
+    """Zero-shot captioning on `shards` (greedy, or beam search with `num_beams > 1`);
+    writes captions.json, metrics.json, report.html."""
     os.makedirs(out_dir, exist_ok=True)
     examples = load_eval_examples(shards, model.config.image_size, max_examples)
     images = np.stack([e["image"] for e in examples])
-    preds = generate_captions(model, params, vocab, images, prompt, mesh, batch_size, max_decode_len)
+    preds = generate_captions(model, params, vocab, images, prompt, mesh, batch_size, max_decode_len,
+                              num_beams=num_beams, min_len=min_len, length_penalty=length_penalty,
+                              repetition_penalty=repetition_penalty)
     references = {e["key"]: e["references"] for e in examples}
     predictions = {e["key"]: p for e, p in zip(examples, preds)}
     result = caption_metrics.compute_caption_metrics(references, predictions, metrics=tuple(metrics))

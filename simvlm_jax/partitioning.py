@@ -170,14 +170,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh,
+                         shardings: dict[str, NamedSharding] | None = None) -> dict[str, jax.Array]:
     """Assembles per-process numpy batches into global jax.Arrays on the mesh.
 
     Each process passes its own slice of the global batch (leading dim); the
-    result's leading dim is the global batch size.
+    result's leading dim is the global batch size. Pass `shardings` (e.g. the
+    Trainer's `batch_shardings`) to skip rebuilding them on every step.
     """
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
-            for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(
+        shardings[k] if shardings else batch_sharding(mesh, v.ndim), v) for k, v in batch.items()}
 
 
 def num_batch_shards(mesh: Mesh) -> int:

@@ -303,7 +303,7 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
         for step in range(start, num_steps):
             if profile_steps and step == profile_steps[0]:
                 jax.profiler.start_trace(os.path.join(work_dir, "profile"))
-            batch = partitioning.host_batch_to_global(next(data_iter), mesh)
+            batch = partitioning.host_batch_to_global(next(data_iter), mesh, trainer.batch_shardings)
             state, metrics = trainer.step(state, batch)
             steps_window += 1
             done = step + 1

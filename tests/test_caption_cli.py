@@ -89,8 +89,9 @@ def _finish(proc, timeout=240):
 
 
 def _images(paths, size=32):
-    """Preprocessed like training (independently of caption.load_image)."""
-    return np.stack([preprocessors.resize_center_crop(Image.open(p).convert("RGB"), size) for p in paths])
+    """Preprocessed by the training pipeline's decoder (independently of caption.load_image)."""
+    return np.stack([preprocessors.DecodeImage(size).map({"png": open(p, "rb").read(), "txt": b"x"})["image"]
+                     for p in paths])
 
 
 @pytest.fixture(scope="module")

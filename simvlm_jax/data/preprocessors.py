@@ -186,9 +186,11 @@ class DecodeImageRandomCrop(grain.transforms.RandomMap):
     formats: tuple[str, ...] = SUPPORTED_FORMATS
     scale: tuple[float, float] = (0.5, 1.0)
 
+    def __post_init__(self):
+        self._decoder = DecodeImage(self.image_size, self.max_image_pixels, self.formats)
+
     def random_map(self, record: dict[str, Any] | None, rng: np.random.Generator):
-        decoder = DecodeImage(self.image_size, self.max_image_pixels, self.formats)
-        return decoder._decode(record, lambda img: random_resized_crop(  # pylint: disable=protected-access
+        return self._decoder._decode(record, lambda img: random_resized_crop(  # pylint: disable=protected-access
             img, self.image_size, rng, tuple(self.scale)))
 
 
