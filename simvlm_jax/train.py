@@ -7,8 +7,6 @@ assembled from each host's grain batches.
 """
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import math
 import os
@@ -241,6 +239,22 @@ def gradient_accumulation(microbatches: int = 1) -> int:
     return microbatches
 
 
+class LossSpikeDetector:
+    """Flags (and logs) a logged loss above `factor` x the running mean of earlier ones."""
+
+    def __init__(self, factor: float, decay: float = 0.9):
+        self.factor, self.decay, self.mean = factor, decay, None
+
+    def update(self, step: int, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return False
+        spike = self.mean is not None and loss > self.factor * self.mean
+        if spike:
+            log.warning("Loss spike at step %d: %.4f vs running mean %.4f", step, loss, self.mean)
+        self.mean = loss if self.mean is None else self.decay * self.mean + (1 - self.decay) * loss
+        return spike
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -296,7 +310,7 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     metrics_host: dict[str, float] = {}
-    loss_ema = None
+    spikes = LossSpikeDetector(loss_spike_factor)
     t_start, t_window, steps_window = time.time(), time.time(), 0
     step = start
     try:
@@ -321,6 +335,7 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
                 if peak and done != start + 1:
                     metrics_host["mfu"] = flops_per_example * ex_per_sec / (peak * jax.device_count())
                 metrics_host.update({f"data/skipped_{k}": v for k, v in pipeline.skipped_counts().items()})
+                metrics_host["loss_spike"] = float(spikes.update(done, metrics_host["loss"]))
                 writer.write_scalars(done, metrics_host)
                 rate = (done - start) / max(time.time() - t_start, 1e-9)
                 eta = (num_steps - done) / max(rate, 1e-9)
@@ -330,11 +345,6 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
                                 f"lr {metrics_host['learning_rate']:.2e} | "
                                 f"{ex_per_sec:.0f} ex/s{mfu} | ETA {_fmt_time(eta)}")
                 t_window, steps_window = time.time(), 0
-                loss = metrics_host["loss"]
-                if math.isfinite(loss):
-                    if loss_ema is not None and loss > loss_spike_factor * loss_ema:
-                        log.warning("Loss spike at step %d: %.4f vs running mean %.4f", done, loss, loss_ema)
-                    loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
                 if metrics_host["nonfinite_consecutive"] >= max_consecutive_nonfinite:
                     raise FloatingPointError(
                         f"{int(metrics_host['nonfinite_consecutive'])} consecutive steps with NaN/Inf loss or "

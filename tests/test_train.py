@@ -399,3 +399,10 @@ def test_preemption_signal_on_a_checkpoint_step(data_mixture, mesh_2x4, tmp_path
                       model_config=tiny_config(), log_every=100, eval_every=1, eval_fn=_sigterm_at(2))
     assert out["step"] == 2
     assert max(_ckpt_steps(out["checkpoint_dir"])) == 2
+
+
+def test_loss_spike_detector_flags_and_logs_spikes(caplog):
+    det = train.LossSpikeDetector(factor=2.0)
+    flags = [det.update(s, l) for s, l in enumerate([4.0, 3.5, 3.0, 2.8, 9.0, 2.7, float("nan"), 2.6])]
+    assert flags == [False, False, False, False, True, False, False, False]
+    assert "Loss spike at step 4" in caplog.text
