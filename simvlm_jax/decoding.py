@@ -1,9 +1,13 @@
 """Caption decoding with a KV cache: greedy, beam search and sampling (+ a cache-free reference).
 
-The image and the text prompt (e.g. "a picture of") form the encoder prefix;
-the decoder then generates from BOS. With the cache each step costs one token:
+SimVLM: the image and the text prompt (e.g. "a picture of") form the encoder
+prefix; the decoder then generates from BOS. CoCa: the image goes through the
+encoder and the attentional pooler; its unimodal + multimodal text layers then
+generate from `CoCaConfig.bos_id` (CoCa has no encoder prompt: `prefix_tokens` and
+`has_image` are ignored). With the cache each step costs one token:
 self-attention keys/values are appended to the cache and the cross-attention
-keys/values of the encoder output are projected once, when the cache is built.
+keys/values of the encoder output (CoCa: pooled image tokens) are projected once,
+when the cache is built.
 
 Every decoder is jit-compatible (`lax.while_loop`, stopping early) and returns
 tokens [B, max_len] with 0 after the first EOS (the EOS itself is kept).
@@ -31,15 +35,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from simvlm_jax.data.tokenizer import EOS_ID, PAD_ID
-from simvlm_jax.models import simvlm
+from simvlm_jax.models import coca, simvlm
 
 NEG_INF = -jnp.inf
+Model = simvlm.SimVLM | coca.CoCa
 
 
 # ----------------------------------------------------------------------------- logits processing
 
-def _resolve_max_len(cfg: simvlm.SimVLMConfig, max_len: int | None) -> int:
-    return min(max_len or cfg.max_target_len, cfg.max_target_len)
+def _resolve_max_len(cfg: simvlm.SimVLMConfig | coca.CoCaConfig, max_len: int | None) -> int:
+    limit = cfg.max_text_len if isinstance(cfg, coca.CoCaConfig) else cfg.max_target_len
+    return min(max_len or limit, limit)
 
 
 def apply_repetition_penalty(logits: jax.Array, generated: jax.Array, penalty: float | jax.Array) -> jax.Array:
@@ -92,11 +98,20 @@ def _finalize(tokens: jax.Array, eos_id: int) -> jax.Array:
     return jnp.where(after_eos, PAD_ID, tokens)
 
 
-def _start(model: simvlm.SimVLM, params, images, prefix_tokens, has_image, repeat: int = 1):
+def _start(model: Model, params, images, prefix_tokens, has_image, repeat: int = 1):
     """Encodes the prefix (once per example), repeats it `repeat` times per example (rows
     b * repeat + j) and runs the first decoder step, which creates the KV cache.
     Returns (logits [B * repeat, V], cache, encoder_valid [B * repeat, S])."""
     variables = {"params": params}
+    if isinstance(model, coca.CoCa):
+        _, image_tokens = model.apply(variables, images, method=model.image_features)
+        if repeat > 1:
+            image_tokens = jnp.repeat(image_tokens, repeat, axis=0)
+        bos = jnp.full((image_tokens.shape[0], 1), model.config.bos_id, jnp.int32)
+        logits, mutated = model.apply(variables, bos, image_tokens, jnp.int32(0), method=model.decode_step,
+                                      mutable=["cache"])
+        # CoCa attends to all pooled image tokens: `valid` is a placeholder for the shared loop.
+        return logits[:, -1], mutated["cache"], jnp.ones((image_tokens.shape[0], 1), bool)
     encoded, valid = model.apply(variables, images, prefix_tokens, has_image, method=model.encode)
     if repeat > 1:
         encoded = jnp.repeat(encoded, repeat, axis=0)
@@ -107,8 +122,12 @@ def _start(model: simvlm.SimVLM, params, images, prefix_tokens, has_image, repea
     return logits[:, -1], mutated["cache"], valid
 
 
-def _step(model: simvlm.SimVLM, params, cache, tokens: jax.Array, valid: jax.Array, t: jax.Array):
+def _step(model: Model, params, cache, tokens: jax.Array, valid: jax.Array, t: jax.Array):
     """One cached decoder step: tokens [N] at position t -> (logits [N, V], new cache)."""
+    if isinstance(model, coca.CoCa):
+        logits, mutated = model.apply({"params": params, "cache": cache}, tokens[:, None], None, t,
+                                      method=model.decode_step, mutable=["cache"])
+        return logits[:, -1], mutated["cache"]
     logits, mutated = model.apply({"params": params, "cache": cache}, tokens[:, None], None, valid,
                                   decode=True, positions=t, method=model.decode, mutable=["cache"])
     return logits[:, -1], mutated["cache"]
@@ -116,7 +135,7 @@ def _step(model: simvlm.SimVLM, params, cache, tokens: jax.Array, valid: jax.Arr
 
 # ----------------------------------------------------------------------------- greedy
 
-def greedy_decode(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens: jax.Array,
+def greedy_decode(model: Model, params, images: jax.Array, prefix_tokens: jax.Array,
                   has_image: jax.Array, max_len: int | None = None, eos_id: int = EOS_ID, *,
                   min_len: int = 0, repetition_penalty: float = 1.0) -> jax.Array:
     """Greedy decoding with the KV cache. Returns tokens [B, max_len] (0 after EOS).
@@ -131,7 +150,7 @@ def greedy_decode(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens
     return _decode_loop(model, params, images, prefix_tokens, has_image, max_len, eos_id, choose)
 
 
-def _decode_loop(model: simvlm.SimVLM, params, images, prefix_tokens, has_image, max_len: int | None,
+def _decode_loop(model: Model, params, images, prefix_tokens, has_image, max_len: int | None,
                  eos_id: int, choose) -> jax.Array:
     """One token per step with the KV cache; `choose(logits, generated, t) -> tokens [B]`.
     Stops once every row has emitted EOS; everything after a row's EOS is 0."""
@@ -157,21 +176,27 @@ def _decode_loop(model: simvlm.SimVLM, params, images, prefix_tokens, has_image,
     return _finalize(out, eos_id)
 
 
-def greedy_decode_no_cache(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens: jax.Array,
+def greedy_decode_no_cache(model: Model, params, images: jax.Array, prefix_tokens: jax.Array,
                            has_image: jax.Array, max_len: int | None = None,
                            eos_id: int = EOS_ID) -> jax.Array:
     """Reference decoder: recomputes the whole decoder every step (for tests/benchmarks)."""
     cfg = model.config
     max_len = _resolve_max_len(cfg, max_len)
     variables = {"params": params}
-    encoded, valid = model.apply(variables, images, prefix_tokens, has_image, method=model.encode)
     b = images.shape[0]
     out = jnp.zeros((b, max_len), jnp.int32)
+    if isinstance(model, coca.CoCa):
+        _, image_tokens = model.apply(variables, images, method=model.image_features)
+        def logits_fn(out):  # teacher forcing on [BOS] + generated (+ one unread token)
+            return model.apply(variables, coca.with_bos(out, cfg.bos_id), image_tokens,
+                               method=model.caption_logits)
+    else:
+        encoded, valid = model.apply(variables, images, prefix_tokens, has_image, method=model.encode)
+        def logits_fn(out):
+            return model.apply(variables, simvlm.shift_right(out), encoded, valid, method=model.decode)
 
     def body(t, out):
-        dec_in = simvlm.shift_right(out)
-        logits = model.apply(variables, dec_in, encoded, valid, method=model.decode)
-        nxt = _next_token(logits[:, t])
+        nxt = _next_token(logits_fn(out)[:, t])
         return out.at[:, t].set(nxt)
 
     out = jax.lax.fori_loop(0, max_len, body, out)
@@ -208,7 +233,7 @@ class _BeamState(NamedTuple):
     cache: Any               # KV cache, rows b * K + k in `alive` order
 
 
-def beam_search(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens: jax.Array,
+def beam_search(model: Model, params, images: jax.Array, prefix_tokens: jax.Array,
                 has_image: jax.Array, *, num_beams: int = 3, max_len: int | None = None,
                 min_len: int = 0, length_penalty: float = 1.0, repetition_penalty: float = 1.0,
                 eos_id: int = EOS_ID, early_stop: bool = True) -> tuple[jax.Array, jax.Array]:
@@ -318,7 +343,7 @@ def filter_top_p(logits: jax.Array, top_p: float | jax.Array) -> jax.Array:
     return jnp.where(jnp.logical_and(top_p < 1.0, logits < cutoff), NEG_INF, logits)
 
 
-def sample_decode(model: simvlm.SimVLM, params, images: jax.Array, prefix_tokens: jax.Array,
+def sample_decode(model: Model, params, images: jax.Array, prefix_tokens: jax.Array,
                   has_image: jax.Array, rng: jax.Array, *, max_len: int | None = None,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   repetition_penalty: float = 1.0, min_len: int = 0,
@@ -363,7 +388,7 @@ def tokens_to_text(vocab, row) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def make_decoder(model: simvlm.SimVLM, *, num_beams: int = 1, max_len: int | None = None, min_len: int = 0,
+def make_decoder(model: Model, *, num_beams: int = 1, max_len: int | None = None, min_len: int = 0,
                  length_penalty: float = 1.0, repetition_penalty: float = 1.0):
     """A jitted fn(params, images, prefix_tokens, has_image) -> tokens [B, max_len]: greedy for
     num_beams=1, else beam search (cached per model config and settings)."""

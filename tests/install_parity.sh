@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Optional: installs the open_clip parity-test stack into .venv (CPU only).
+# Installs the open_clip parity-test stack into .venv (CPU only); tests/run.sh calls it.
 # torch must be exactly 2.13.0 (a local CPU wheel here); open_clip's own deps would pull
 # a CUDA torch, so everything else goes in with --no-deps at versions tested together.
-# Then: bash tests/run.sh tests/test_open_clip_parity.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-$PWD/.venv}"

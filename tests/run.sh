@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # The test command: creates .venv if missing, installs simvlm_jax with its test
-# extra, then runs pytest on 8 simulated CPU devices. Extra args go to pytest.
+# extra and the open_clip parity stack (tests/install_parity.sh), then runs pytest
+# on 8 simulated CPU devices. Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/_env.sh
 ensure_venv test
+# The open_clip parity/export tests need torch (CPU) + open_clip at pinned versions.
+if [[ ! -f "$VENV/.parity_installed" || tests/install_parity.sh -nt "$VENV/.parity_installed" ]]; then
+  echo "Installing the open_clip parity stack (torch CPU) into $VENV" >&2
+  VENV="$VENV" bash tests/install_parity.sh
+  touch "$VENV/.parity_installed"
+fi
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 export PYTHONHASHSEED=0
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 tests "$@"

@@ -1,6 +1,6 @@
 """CoCa (Yu et al. 2022, arXiv 2205.01917): contrastive + captioning image-text model.
 
-Image -> ViT encoder -> attentional poolers:
+Image -> ViT encoder (linear patches, or a ResNet conv stem as in SimVLM) -> attentional poolers:
   * generative pooler: `n_queries` learned queries attend to the encoder tokens;
     its outputs are the image tokens the multimodal decoder cross-attends to;
   * contrastive pooler: 1 query, over the generative pooler's outputs
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from simvlm_jax.models import layers
+from simvlm_jax.models import layers, simvlm
 
 Array = jax.Array
 
@@ -55,7 +55,11 @@ class CoCaConfig:
     vocab_size: int = 64_000
     image_size: int = 288
     patch_size: int = 18
-    # Image encoder (ViT).
+    # Image encoder: ViT on linear patches, or (stem_stages > 0) on the features of the
+    # first ResNet stages (SimVLM's BiT conv stem; patch_size counts input pixels).
+    stem_stages: int = 0
+    stem_width: int = 64
+    stem_units: tuple[int, ...] = (3, 4, 6)
     encoder_width: int = 768
     encoder_layers: int = 12
     encoder_heads: int = 12
@@ -102,6 +106,12 @@ class CoCaConfig:
               f"decoder_width={self.decoder_width} not divisible by the pooler heads")
         check(self.image_size % self.patch_size == 0, "image_size",
               f"not divisible by patch_size={self.patch_size}")
+        check(0 <= self.stem_stages <= len(self.stem_units), "stem_stages",
+              f"needs 0..len(stem_units)={len(self.stem_units)}")
+        check(self.patch_size % simvlm.stem_stride(self.stem_stages) == 0, "patch_size",
+              f"must be a multiple of the conv stem stride {simvlm.stem_stride(self.stem_stages)}")
+        check(not (self.open_clip_compatible and self.stem_stages), "stem_stages",
+              "open_clip's CoCa has no conv stem; use 0 with open_clip_compatible=True")
         check(self.pooler_layout in ("cascade", "parallel"), "pooler_layout", "use 'cascade' or 'parallel'")
         check(self.activation in ACTIVATIONS, "activation", f"choose one of {ACTIVATIONS}")
         check(self.open_clip_compatible or self.activation == "gelu", "activation",
@@ -197,7 +207,8 @@ class OpenCLIPBlock(nn.Module):
                                 decode=self.decode, max_decode_len=self.max_decode_len, name="attn", **kw)
         h = layers.layer_norm("ln_1", eps=self.eps, **kw)(x)
         if self.cross:
-            kv = layers.layer_norm("ln_1_kv", eps=self.eps, **kw)(kv)
+            if kv is not None:  # decode steps after the first reuse the cached image keys/values
+                kv = layers.layer_norm("ln_1_kv", eps=self.eps, **kw)(kv)
             h = attn(h, kv, None)
         else:
             h = attn(h, None, mask)
@@ -291,7 +302,9 @@ class VisionEncoder(nn.Module):
             x = (x.astype(jnp.float32) - jnp.asarray(cfg.image_mean)) / jnp.asarray(cfg.image_std)
         x = layers.constrain(x.astype(cfg.compute_dtype),
                              ("activation_batch", "activation_height", "activation_width", "activation_channels"))
-        p, w = cfg.patch_size, cfg.encoder_width
+        if cfg.stem_stages:
+            x = simvlm.resnet_stem(x, cfg.stem_width, cfg.stem_units[:cfg.stem_stages], 0.0, deterministic, **kw)
+        p, w = cfg.patch_size // simvlm.stem_stride(cfg.stem_stages), cfg.encoder_width
         x = nn.Conv(w, (p, p), (p, p), padding="VALID", use_bias=not oc, name="conv1" if oc else "patch_embed",
                     kernel_init=layers.param_with_axes(nn.initializers.lecun_normal(),
                                                        (None, None, "conv_in", "embed")),
@@ -364,13 +377,31 @@ def text_key_mask(text: Array, cfg: CoCaConfig) -> Array:
     return jnp.concatenate([valid, ones], axis=1)
 
 
+def _unimodal_stack(cfg: CoCaConfig, deterministic: bool, **decode_kwargs) -> Callable:
+    if cfg.open_clip_compatible:
+        return layers.layer_stack(
+            _openclip_kwargs(cfg, cfg.decoder_heads, cfg.decoder_mlp_dim, **decode_kwargs),
+            cfg.unimodal_layers, scan=cfg.scan_layers, remat_policy=cfg.remat_policy, name="transformer",
+            layer_cls=OpenCLIPBlock)
+    return layers.layer_stack(
+        _transformer_layer_kwargs(cfg, cfg.decoder_width, cfg.decoder_heads, cfg.decoder_mlp_dim,
+                                  deterministic, **decode_kwargs),
+        cfg.unimodal_layers, scan=cfg.scan_layers, remat_policy=cfg.remat_policy, name="layers")
+
+
 class TextEncoder(nn.Module):
     """Unimodal text tower: text [B, L] (+CLS) -> (text embedding [B, E] unnormalized,
-    token outputs [B, L, D], the token embedding table [V, D])."""
+    token outputs [B, L, D], the token embedding table [V, D]).
+
+    `decode=True` runs one cached step for caption generation: `text` [B, 1] is the
+    token at position `positions`; no CLS is appended (with causal attention the
+    token outputs never see it) and the embedding is None.
+    """
     config: CoCaConfig
 
     @nn.compact
-    def __call__(self, text: Array, deterministic: bool = True) -> tuple[Array, Array, Array]:
+    def __call__(self, text: Array, deterministic: bool = True, decode: bool = False,
+                 positions: Array | None = None) -> tuple[Array | None, Array, Array]:
         cfg = self.config
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         d = cfg.decoder_width
@@ -380,24 +411,19 @@ class TextEncoder(nn.Module):
         embed = layers.Embed(cfg.vocab_size, d, embedding_init=nn.initializers.normal(0.02),
                              name="token_embedding", **kw)
         x = embed(text)
-        cls = _param(self, "cls_emb", nn.initializers.normal(0.01), ("embed",), (d,), cfg.params_dtype)
-        x = jnp.concatenate([x, jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d))], axis=1)
         pos = _param(self, "positional_embedding", nn.initializers.normal(0.01), ("position", "embed"),
                      (cfg.num_text_positions, d), cfg.params_dtype)
+        if decode:
+            x = (x + jax.lax.dynamic_slice_in_dim(pos, positions, 1).astype(x.dtype)[None]).astype(cfg.compute_dtype)
+            x = _unimodal_stack(cfg, True, decode=True, max_decode_len=cfg.max_text_len)(x, None)
+            return None, layers.constrain(x, layers.BATCH_LENGTH_EMBED), embed.embedding
+        cls = _param(self, "cls_emb", nn.initializers.normal(0.01), ("embed",), (d,), cfg.params_dtype)
+        x = jnp.concatenate([x, jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d))], axis=1)
         x = (x + pos[: length + 1].astype(x.dtype)[None]).astype(cfg.compute_dtype)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         causal = jnp.tril(jnp.ones((length + 1, length + 1), bool))
         mask = causal[None, None] & text_key_mask(text, cfg)[:, None, None, :]
-        if cfg.open_clip_compatible:
-            run = layers.layer_stack(
-                _openclip_kwargs(cfg, cfg.decoder_heads, cfg.decoder_mlp_dim),
-                cfg.unimodal_layers, scan=cfg.scan_layers, remat_policy=cfg.remat_policy, name="transformer",
-                layer_cls=OpenCLIPBlock)
-        else:
-            run = layers.layer_stack(
-                _transformer_layer_kwargs(cfg, d, cfg.decoder_heads, cfg.decoder_mlp_dim, deterministic),
-                cfg.unimodal_layers, scan=cfg.scan_layers, remat_policy=cfg.remat_policy, name="layers")
-        x = run(x, mask)
+        x = _unimodal_stack(cfg, deterministic)(x, mask)
         pooled = layers.layer_norm("ln_final", eps=cfg.layer_norm_eps, **kw)(x[:, -1])
         proj = _param(self, "text_projection", nn.initializers.normal(d ** -0.5), ("embed", None),
                       (d, cfg.embed_dim), cfg.params_dtype)
@@ -406,26 +432,32 @@ class TextEncoder(nn.Module):
 
 
 class MultimodalDecoder(nn.Module):
-    """Unimodal token outputs [B, T, D] + image tokens -> caption logits [B, T, vocab] (float32)."""
+    """Unimodal token outputs [B, T, D] + image tokens -> caption logits [B, T, vocab] (float32).
+
+    `decode=True`: one cached step (T = 1); the image tokens are only read on the call
+    that creates the cache (their keys/values are projected once and kept).
+    """
     config: CoCaConfig
 
     @nn.compact
-    def __call__(self, x: Array, image_tokens: Array, deterministic: bool = True,
-                 token_embedding: Array | None = None) -> Array:
+    def __call__(self, x: Array, image_tokens: Array | None, deterministic: bool = True,
+                 token_embedding: Array | None = None, decode: bool = False) -> Array:
         cfg = self.config
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         d, t = cfg.decoder_width, x.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        # Decode steps: the self-attention KV cache applies causality itself.
+        causal = None if decode else jnp.tril(jnp.ones((t, t), bool))[None, None]
+        dkw = dict(decode=True, max_decode_len=cfg.max_text_len) if decode else {}
         if cfg.open_clip_compatible:
             run = layers.layer_stack(
-                _openclip_kwargs(cfg, cfg.decoder_heads, cfg.decoder_mlp_dim),
+                _openclip_kwargs(cfg, cfg.decoder_heads, cfg.decoder_mlp_dim, **dkw),
                 cfg.multimodal_layers, scan=cfg.scan_layers, remat_policy=cfg.remat_policy, name="layers",
                 layer_cls=OpenCLIPDecoderLayer)
             x = run(x, causal, image_tokens)
         else:
             run = layers.layer_stack(
-                _transformer_layer_kwargs(cfg, d, cfg.decoder_heads, cfg.decoder_mlp_dim, deterministic,
-                                          cross_attention=True),
+                _transformer_layer_kwargs(cfg, d, cfg.decoder_heads, cfg.decoder_mlp_dim,
+                                          deterministic or decode, cross_attention=True, **dkw),
                 cfg.multimodal_layers, scan=cfg.scan_layers, remat_policy=cfg.remat_policy, name="layers")
             x = run(x, causal, image_tokens, None)
         x = layers.layer_norm("ln_final", eps=cfg.layer_norm_eps, **kw)(x)
@@ -488,6 +520,13 @@ class CoCa(nn.Module):
         _, tokens, table = self.text(text, deterministic)
         return self.decoder(tokens[:, :-1], image_tokens, deterministic,
                             table if self.config.tie_embeddings else None)
+
+    def decode_step(self, tokens: Array, image_tokens: Array | None, positions: Array) -> Array:
+        """One cached caption step: tokens [B, 1] at position `positions` (0 = BOS) ->
+        logits [B, 1, vocab]. Run with `mutable=['cache']`; `image_tokens` (from
+        `image_features`) is only read on the first call, which creates the cache."""
+        _, x, table = self.text(tokens, True, decode=True, positions=positions)
+        return self.decoder(x, image_tokens, True, table if self.config.tie_embeddings else None, decode=True)
 
     def __call__(self, batch: dict[str, Array], deterministic: bool = True) -> dict[str, Array]:
         cfg = self.config

@@ -9,7 +9,7 @@ Text-only examples (`has_image == 0`) mask the image tokens out entirely.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import einops
 import flax.linen as nn
@@ -71,8 +71,7 @@ class SimVLMConfig:
 
     @property
     def stem_stride(self) -> int:
-        """Root conv (/2) + max-pool (/2), then /2 per stage after the first."""
-        return 1 if self.stem_stages == 0 else 4 * 2 ** (self.stem_stages - 1)
+        return stem_stride(self.stem_stages)
 
     @property
     def num_image_tokens(self) -> int:
@@ -134,6 +133,31 @@ class BottleneckUnit(nn.Module):
         return nn.relu(residual + y)
 
 
+def stem_stride(stages: int) -> int:
+    """Root conv (/2) + max-pool (/2), then /2 per stage after the first; 0 stages: 1."""
+    return 1 if stages == 0 else 4 * 2 ** (stages - 1)
+
+
+def resnet_stem(x: Array, width: int, units: Sequence[int], drop_path_rate: float, deterministic: bool,
+                *, dtype, param_dtype) -> Array:
+    """The first `len(units)` stages of a BiT ResNet (weight-standardized convs + GroupNorm):
+    root conv 7x7/2 + max-pool /2, then bottleneck stages (stage i: width * 2**i, /2 from
+    the second). Call from inside a compact module: the convs become its submodules.
+    No stages: `x` unchanged."""
+    if not units:
+        return x
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    x = _conv(width, 7, 2, "root_conv", **kw)(x)
+    x = nn.relu(_group_norm("root_gn", **kw)(x))
+    x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+    for s, num_units in enumerate(units):
+        for u in range(num_units):
+            x = BottleneckUnit(width * 2 ** s, strides=2 if (s > 0 and u == 0) else 1,
+                               drop_path_rate=drop_path_rate, deterministic=deterministic,
+                               name=f"stage{s + 1}_unit{u + 1}", **kw)(x)
+    return x
+
+
 class ImageEmbedder(nn.Module):
     """uint8 images [B,H,W,3] -> patch tokens [B, N, width] via the ResNet conv stem."""
     config: SimVLMConfig
@@ -146,16 +170,8 @@ class ImageEmbedder(nn.Module):
         x = images.astype(cfg.compute_dtype) / 127.5 - 1.0
         x = layers.constrain(x, ("activation_batch", "activation_height", "activation_width",
                                  "activation_channels"))
-        if cfg.stem_stages > 0:
-            x = _conv(cfg.stem_width, 7, 2, "root_conv", **kw)(x)
-            x = nn.relu(_group_norm("root_gn", **kw)(x))
-            x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
-            for s in range(cfg.stem_stages):
-                for u in range(cfg.stem_units[s]):
-                    x = BottleneckUnit(cfg.stem_width * 2 ** s, strides=2 if (s > 0 and u == 0) else 1,
-                                       drop_path_rate=cfg.drop_path_rate,
-                                       deterministic=self.deterministic,
-                                       name=f"stage{s + 1}_unit{u + 1}", **kw)(x)
+        x = resnet_stem(x, cfg.stem_width, cfg.stem_units[:cfg.stem_stages], cfg.drop_path_rate,
+                        self.deterministic, **kw)
         patch = cfg.patch_size // cfg.stem_stride
         x = nn.Conv(cfg.width, (patch, patch), (patch, patch), padding="VALID", name="patch_embed",
                     kernel_init=layers.param_with_axes(nn.initializers.lecun_normal(),
