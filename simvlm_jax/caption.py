@@ -48,13 +48,12 @@ def iter_captions(model, params: Any, vocab, images: np.ndarray, prompt: str = "
                   batch_size: int = 8, decoder=None, **decode_kwargs):
     """Yields the captions of uint8 images [N, S, S, 3] one batch (list of str) at a time.
     Batches are padded to one compiled shape, min(batch_size, N)."""
-    from simvlm_jax.decoding import encode_prompt, make_decoder, tokens_to_text  # pylint: disable=g-import-not-at-top
+    from simvlm_jax.decoding import make_decoder, prompt_ids, tokens_to_text  # pylint: disable=g-import-not-at-top
     if not len(images):
         return
     decoder = decoder or make_decoder(model, **decode_kwargs)
     batch_size = max(1, min(batch_size, len(images)))
-    prompt_ids = encode_prompt(vocab, prompt, model.config.max_prefix_len)
-    prefix = np.tile(prompt_ids, (batch_size, 1))
+    prefix = np.tile(prompt_ids(vocab, prompt, model), (batch_size, 1))
     has_image = np.ones((batch_size,), np.int32)
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]

@@ -28,6 +28,7 @@ Logits processing, shared by all decoders (`process_logits`):
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, NamedTuple
 
 import jax
@@ -371,6 +372,21 @@ def sample_decode(model: Model, params, images: jax.Array, prefix_tokens: jax.Ar
 
 # ----------------------------------------------------------------------------- text in / out
 
+def model_eos_id(model: Model) -> int:
+    """The id that ends a caption: `CoCaConfig.eos_id`, or the tokenizer's EOS for SimVLM."""
+    return model.config.eos_id if isinstance(model, coca.CoCa) else EOS_ID
+
+
+def prompt_ids(vocab, prompt: str, model: Model) -> np.ndarray:
+    """The encoder prompt's ids for `model` (SimVLM: padded to max_prefix_len). CoCa has no
+    encoder prompt: an empty array, with a warning if a prompt was given."""
+    if isinstance(model, coca.CoCa):
+        if prompt:
+            logging.getLogger("simvlm_jax").warning("CoCa captions without an encoder prompt; ignoring %r", prompt)
+        return np.zeros((0,), np.int32)
+    return encode_prompt(vocab, prompt, model.config.max_prefix_len)
+
+
 def encode_prompt(vocab, prompt: str, max_prefix_len: int) -> np.ndarray:
     """The prompt's token ids, zero-padded to `max_prefix_len` (the encoder's text prefix)."""
     ids = list(vocab.encode(prompt))[:max_prefix_len] if prompt else []
@@ -379,22 +395,27 @@ def encode_prompt(vocab, prompt: str, max_prefix_len: int) -> np.ndarray:
     return out
 
 
-def tokens_to_text(vocab, row) -> str:
-    """Decoded tokens of one row up to its EOS, as one line with single spaces."""
+def tokens_to_text(vocab, row, eos_id: int | None = None) -> str:
+    """Decoded tokens of one row up to its EOS (default: the vocabulary's), as one line
+    with single spaces."""
+    eos_id = vocab.eos_id if eos_id is None else eos_id
     ids = [int(t) for t in row if t > 0]
-    if vocab.eos_id in ids:
-        ids = ids[:ids.index(vocab.eos_id)]
+    if eos_id in ids:
+        ids = ids[:ids.index(eos_id)]
     return " ".join(vocab.decode(ids).split())
 
 
 @functools.lru_cache(maxsize=8)
 def make_decoder(model: Model, *, num_beams: int = 1, max_len: int | None = None, min_len: int = 0,
-                 length_penalty: float = 1.0, repetition_penalty: float = 1.0):
+                 length_penalty: float = 1.0, repetition_penalty: float = 1.0, eos_id: int | None = None):
     """A jitted fn(params, images, prefix_tokens, has_image) -> tokens [B, max_len]: greedy for
-    num_beams=1, else beam search (cached per model config and settings)."""
+    num_beams=1, else beam search (cached per model config and settings). `eos_id` defaults
+    to the model's (`model_eos_id`)."""
+    eos_id = model_eos_id(model) if eos_id is None else eos_id
     if num_beams <= 1:
         return jax.jit(functools.partial(greedy_decode, model, max_len=max_len, min_len=min_len,
-                                         repetition_penalty=repetition_penalty))
+                                         repetition_penalty=repetition_penalty, eos_id=eos_id))
     beam = functools.partial(beam_search, model, num_beams=num_beams, max_len=max_len, min_len=min_len,
-                             length_penalty=length_penalty, repetition_penalty=repetition_penalty)
+                             length_penalty=length_penalty, repetition_penalty=repetition_penalty,
+                             eos_id=eos_id)
     return jax.jit(lambda *args: beam(*args)[0])

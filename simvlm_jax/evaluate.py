@@ -54,10 +54,9 @@ def generate_captions(model: simvlm.SimVLM, params: Any, vocab, images: np.ndarr
                       **decode_kwargs) -> list[str]:
     """Captions uint8 images [N,H,W,3] on `mesh` (batch-sharded); `decode_kwargs` go to
     `decoding.make_decoder` (num_beams, min_len, length_penalty, repetition_penalty)."""
-    cfg = model.config
     shards = partitioning.num_batch_shards(mesh)
     batch_size = max(shards, batch_size // shards * shards)
-    prompt_ids = decoding.encode_prompt(vocab, prompt, cfg.max_prefix_len)
+    prompt_ids = decoding.prompt_ids(vocab, prompt, model)
     fn = decoding.make_decoder(model, max_len=max_len, **decode_kwargs)
     captions: list[str] = []
     with partitioning.activate(mesh):

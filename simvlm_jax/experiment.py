@@ -10,9 +10,11 @@ import jax
 
 from simvlm_jax import checkpointing, evaluate, export, partitioning, train
 from simvlm_jax.data import synthetic, tokenizer
-from simvlm_jax.models import simvlm
+from simvlm_jax.models import coca, simvlm
 
 log = logging.getLogger("simvlm_jax")
+
+MODEL_CONFIGS = {"simvlm": simvlm.SimVLMConfig, "coca": coca.CoCaConfig}
 
 
 @gin.configurable
@@ -62,28 +64,34 @@ def eval_hook_overrides(max_examples: int | None = 256, with_constant_baseline: 
 @gin.configurable
 def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None = None,
         export_dir: str | None = None, export_dtype: str | None = None,
-        eval_from_export: bool = False) -> dict[str, Any]:
-    """Runs the requested modes in order and returns a JSON-able summary."""
+        eval_from_export: bool = False, model: str = "simvlm") -> dict[str, Any]:
+    """Runs the requested modes in order and returns a JSON-able summary.
+
+    `model`: 'simvlm' (configured by `SimVLMConfig.*`) or 'coca' (`CoCaConfig.*`).
+    """
+    if model not in MODEL_CONFIGS:
+        raise ValueError(f"run.model={model!r}; choose one of {sorted(MODEL_CONFIGS)}")
     summary: dict[str, Any] = {"work_dir": os.path.abspath(work_dir)}
     eval_dir = eval_dir or os.path.join(work_dir, "eval")
     export_dir = export_dir or os.path.join(work_dir, "export")
     if "prepare" in modes:
         summary.update(prepare_builtin())
-    model_config = simvlm.SimVLMConfig()
+    model_config = MODEL_CONFIGS[model]()
     vocab = tokenizer.get_vocabulary()
+    config_name = type(model_config).__name__
     if model_config.vocab_size < vocab.vocab_size:
-        raise ValueError(f"SimVLMConfig.vocab_size={model_config.vocab_size} is smaller than the "
-                         f"tokenizer's {vocab.vocab_size} pieces; set SimVLMConfig.vocab_size")
+        raise ValueError(f"{config_name}.vocab_size={model_config.vocab_size} is smaller than the "
+                         f"tokenizer's {vocab.vocab_size} pieces; set {config_name}.vocab_size")
     mesh = partitioning.make_mesh()
     summary["mesh"] = dict(mesh.shape)
     state = trainer = None
     if "train" in modes:
         register_data()
-        model = simvlm.SimVLM(model_config)
+        eval_model = train.build_model(model_config)
 
         def eval_during_training(params, step):
             """Captioning eval hook (train.eval_every); images + captions go to TensorBoard."""
-            out = evaluate.evaluate_captioning(model, params, vocab, mesh,
+            out = evaluate.evaluate_captioning(eval_model, params, vocab, mesh,
                                                os.path.join(eval_dir, f"step_{step}"), **eval_hook_overrides())
             return {**out["metrics"], "samples": out["samples"]}
 

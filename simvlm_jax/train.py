@@ -1,4 +1,4 @@
-"""PrefixLM pretraining: optimizer, loss, sharded train step and the training loop.
+"""Pretraining (SimVLM PrefixLM or CoCa): optimizer, loss, sharded train step, training loop.
 
 The state (params + optimizer state) is created directly in its sharded layout
 (`jax.jit(..., out_shardings=...)`), the step is jitted with explicit in/out
@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from simvlm_jax import flops, partitioning
-from simvlm_jax.models import layers, simvlm
+from simvlm_jax.models import coca, layers, simvlm
 from simvlm_jax.metric_writer import MetricWriter
 
 log = logging.getLogger("simvlm_jax")
@@ -122,21 +122,50 @@ def token_stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.A
     return (nll * weights).sum(), weights.sum(), correct
 
 
-class Trainer:
-    """Holds the model, mesh, optimizer and the compiled sharded functions."""
+ModelConfig = simvlm.SimVLMConfig | coca.CoCaConfig
 
-    def __init__(self, model_config: simvlm.SimVLMConfig, mesh: jax.sharding.Mesh, total_steps: int,
+
+def build_model(config: ModelConfig) -> simvlm.SimVLM | coca.CoCa:
+    """The model for a config: `SimVLMConfig` -> SimVLM, `CoCaConfig` -> CoCa."""
+    return coca.CoCa(config) if isinstance(config, coca.CoCaConfig) else simvlm.SimVLM(config)
+
+
+def dummy_batch(config: ModelConfig, batch_size: int = 1) -> dict[str, jax.Array]:
+    """The training batch a model reads (names and shapes); other features are dropped."""
+    module = coca if isinstance(config, coca.CoCaConfig) else simvlm
+    return module.dummy_batch(config, batch_size)
+
+
+@gin.configurable
+def coca_loss_weights(contrastive: float = 1.0, caption: float = 2.0) -> tuple[float, float]:
+    """CoCa's lambda_con and lambda_cap (paper: 1.0 and 2.0)."""
+    return contrastive, caption
+
+
+class Trainer:
+    """Holds the model, mesh, optimizer and the compiled sharded functions.
+
+    The objective per (micro)batch is `(value, weight, sums)`: gradients of `value`
+    are summed over microbatches and divided by the summed `weight`, and so are the
+    metric `sums`. SimVLM: value = summed target-token NLL, weight = token count (so
+    accumulation equals the big batch exactly). CoCa: value = the microbatch's loss
+    (contrastive over the microbatch's global rows + caption CE), weight = 1.
+    """
+
+    def __init__(self, model_config: ModelConfig, mesh: jax.sharding.Mesh, total_steps: int,
                  seed: int = 0, microbatches: int | None = None):
         self.config = model_config
         self.microbatches = microbatches or gradient_accumulation()
-        self.model = simvlm.SimVLM(model_config)
+        self.model = build_model(model_config)
+        self.is_coca = isinstance(model_config, coca.CoCaConfig)
+        self.loss_weights = coca_loss_weights() if self.is_coca else None
         self.mesh = mesh
         self.rules = partitioning.axis_rules()
         self.seed = seed
         self.tx, self.lr_schedule = make_optimizer(total_steps)
 
         def init_boxed(rng):
-            variables = self.model.init({"params": rng, "dropout": rng}, simvlm.dummy_batch(model_config))
+            variables = self.model.init({"params": rng, "dropout": rng}, dummy_batch(model_config))
             params = variables["params"]
             zero = jnp.zeros((), jnp.int32)
             return TrainState(step=zero, params=params, opt_state=self.tx.init(params),
@@ -151,7 +180,7 @@ class Trainer:
         self.abstract_state = partitioning.abstract_like(nn.meta.unbox(abstract_boxed), self.state_shardings)
         self._init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=self.state_shardings)
         batch_shardings = {k: partitioning.batch_sharding(mesh, v.ndim)
-                           for k, v in simvlm.dummy_batch(model_config).items()}
+                           for k, v in dummy_batch(model_config).items()}
         self.batch_shardings = batch_shardings
         self._step = jax.jit(self._train_step,
                              in_shardings=(self.state_shardings, batch_shardings),
@@ -166,49 +195,61 @@ class Trainer:
         with self.activate():
             return self._init(jax.random.key(self.seed))
 
-    def _grads(self, params, batch, rng):
-        """Summed-NLL gradients, token count and stats; microbatched with lax.scan if asked."""
-        def loss_fn(params, mb, rng):
-            logits = self.model.apply({"params": params}, mb, deterministic=False, rngs={"dropout": rng})
-            nll_sum, n, correct = token_stats(logits, mb["target_tokens"])
-            return nll_sum, (n, correct)
+    def _objective(self, params, batch, rng) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
+        """(value to differentiate, (weight, metric sums)) of one (micro)batch; see the class doc."""
+        out = self.model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng})
+        if not self.is_coca:
+            nll_sum, n, correct = token_stats(out, batch["target_tokens"])
+            return nll_sum, (n, {"loss": nll_sum, "token_accuracy": correct, "num_target_tokens": n})
+        lambda_con, lambda_cap = self.loss_weights
+        loss, m = coca.coca_loss(out, batch["target_tokens"], lambda_con=lambda_con, lambda_cap=lambda_cap,
+                                 mesh=self.mesh, pad_id=self.config.pad_id)
+        return loss, (jnp.ones(()), m)
 
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    def _grads(self, params, batch, rng):
+        """Summed gradients, summed weight and metric sums; microbatched with lax.scan if asked."""
+        grad_fn = jax.value_and_grad(self._objective, has_aux=True)
         k = self.microbatches
         if k == 1:
-            (nll_sum, (n, correct)), grads = grad_fn(params, batch, rng)
-            return grads, nll_sum, n, correct
+            (_, (weight, sums)), grads = grad_fn(params, batch, rng)
+            return grads, weight, sums
         # Microbatch i takes rows i::k, so every device keeps an equal share of each one.
         def split(x):
-            if x.shape[0] % k:
-                raise ValueError(f"global batch {x.shape[0]} is not divisible by gradient_accumulation "
-                                 f"microbatches={k}")
+            shards = partitioning.num_batch_shards(self.mesh)
+            if x.shape[0] % (k * shards):
+                raise ValueError(f"global batch {x.shape[0]} must be divisible by gradient_accumulation."
+                                 f"microbatches={k} x the batch shards data*fsdp={shards}")
             x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
             return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
         micro = jax.tree_util.tree_map(split, batch)
 
         def body(carry, xs):
-            acc, nll_acc, n_acc, c_acc = carry
+            acc, w_acc, sums_acc = carry
             i, mb = xs
-            (nll_sum, (n, correct)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
-            acc = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), acc, g)
-            return (acc, nll_acc + nll_sum, n_acc + n, c_acc + correct), None
+            (_, (weight, sums)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+            add = lambda a, b: a + b.astype(a.dtype)
+            return (jax.tree_util.tree_map(add, acc, g), w_acc + weight,
+                    jax.tree_util.tree_map(add, sums_acc, sums)), None
 
         zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
-        (grads, nll_sum, n, correct), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
-        return grads, nll_sum, n, correct
+        first = jax.tree_util.tree_map(lambda x: x[0], micro)
+        _, (_, sums_shape) = jax.eval_shape(self._objective, params, first, rng)
+        zero_sums = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), sums_shape)
+        init = (zeros, jnp.zeros(()), zero_sums)
+        (grads, weight, sums), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
+        return grads, weight, sums
 
     def _train_step(self, state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.key(self.seed + 1), state.step)
-        grads, nll_sum, n, correct = self._grads(state.params, batch, rng)
-        denom = jnp.maximum(n, 1.0)
-        # d(mean NLL over all target tokens of the global batch) = d(sum) / count: equal to
-        # the big-batch gradient whatever the number of microbatches.
+        grads, weight, sums = self._grads(state.params, batch, rng)
+        denom = jnp.maximum(weight, 1e-9)
+        # SimVLM: d(mean NLL over all target tokens of the global batch) = d(sum) / count,
+        # equal to the big-batch gradient whatever the number of microbatches.
         grads = jax.tree_util.tree_map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
         # Gradients live exactly where their params live (reduce-scattered under FSDP).
         grads = jax.lax.with_sharding_constraint(grads, self.state_shardings.params)
-        loss = nll_sum / denom
+        means = {k: v / denom for k, v in sums.items() if k != "num_target_tokens"}
+        loss = means["loss"]
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -220,15 +261,21 @@ class Trainer:
             step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
             nonfinite_total=state.nonfinite_total + bad,
             nonfinite_consecutive=(state.nonfinite_consecutive + 1) * bad)
-        metrics = {"loss": loss, "token_accuracy": correct / denom, "num_target_tokens": n,
-                   "grad_norm": grad_norm, "learning_rate": self.lr_schedule(state.step),
+        metrics = {**means, "num_target_tokens": sums["num_target_tokens"], "grad_norm": grad_norm, "learning_rate": self.lr_schedule(state.step),
                    "nonfinite_total": new_state.nonfinite_total,
                    "nonfinite_consecutive": new_state.nonfinite_consecutive}
         return new_state, metrics
 
     def step(self, state: TrainState, batch: dict[str, jax.Array]):
         with self.activate():
-            return self._step(state, batch)
+            return self._step(state, self.model_inputs(batch))
+
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The features this model trains on (e.g. CoCa drops the PrefixLM prefix)."""
+        missing = [k for k in self.batch_shardings if k not in batch]
+        if missing:
+            raise KeyError(f"the training batch has no {missing} (has {sorted(batch)}); check the data task")
+        return {k: batch[k] for k in self.batch_shardings}
 
 
 @gin.configurable
@@ -263,7 +310,7 @@ def _fmt_time(seconds: float) -> str:
 @gin.configurable
 def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int = gin.REQUIRED,
           seed: int = 0, log_every: int = 50, mesh: jax.sharding.Mesh | None = None,
-          model_config: simvlm.SimVLMConfig | None = None, max_consecutive_nonfinite: int = 10,
+          model_config: ModelConfig | None = None, max_consecutive_nonfinite: int = 10,
           loss_spike_factor: float = 3.0, profile_steps: tuple[int, int] | None = None,
           eval_every: int = 0, eval_fn: Callable[[Any, int], dict] | None = None) -> dict[str, Any]:
     """Trains for `num_steps`, resuming from the latest checkpoint in `work_dir`.
@@ -300,9 +347,9 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
         log.info("Resumed from %s at step %d", manager.directory, start)
     writer.write_config(gin.config_str(), dict(mesh.shape), count_params(state.params))
 
-    flops_per_example = flops.simvlm_train_flops_per_example(model_config)
+    flops_per_example = flops.train_flops_per_example(model_config)
     peak = flops.peak_flops_per_device()
-    tokens_per_example = model_config.num_image_tokens + model_config.max_prefix_len + model_config.max_target_len
+    tokens_per_example = tokens_per_example_of(model_config)
 
     stop = {"signal": None}
     def on_signal(signum, _):  # preemption: finish the step, checkpoint, exit
@@ -317,7 +364,8 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
         for step in range(start, num_steps):
             if profile_steps and step == profile_steps[0]:
                 jax.profiler.start_trace(os.path.join(work_dir, "profile"))
-            batch = partitioning.host_batch_to_global(next(data_iter), mesh, trainer.batch_shardings)
+            batch = partitioning.host_batch_to_global(trainer.model_inputs(next(data_iter)), mesh,
+                                                      trainer.batch_shardings)
             state, metrics = trainer.step(state, batch)
             steps_window += 1
             done = step + 1
@@ -371,6 +419,13 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
         writer.close()
     return {"step": int(jax.device_get(state.step)), "metrics": metrics_host,
             "checkpoint_dir": str(manager.directory), "state": state, "trainer": trainer}
+
+
+def tokens_per_example_of(cfg: ModelConfig) -> int:
+    """Image tokens + text tokens one training example feeds the model (for tokens/s)."""
+    if isinstance(cfg, coca.CoCaConfig):
+        return cfg.num_patches + cfg.max_text_len + 1
+    return cfg.num_image_tokens + cfg.max_prefix_len + cfg.max_target_len
 
 
 def count_params(params: Any) -> int:

@@ -77,6 +77,7 @@ class CoCaConfig:
     pooler_layout: str = "cascade"  # 'cascade' (paper) | 'parallel'; ignored if open_clip_compatible
     max_text_len: int = 64          # caption tokens (targets); text positions = max_text_len + 2
     bos_id: int = 0                 # prepended to the targets (open_clip: <start_of_text> = 49406)
+    eos_id: int = 1                 # ends generated captions (open_clip: <end_of_text> = 49407)
     pad_id: int = 0
     tie_embeddings: bool = False    # caption logits from the token table (paper mode only)
     open_clip_compatible: bool = False
