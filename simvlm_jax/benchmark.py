@@ -7,6 +7,9 @@ step     Times the sharded train step on synthetic data (random images and
 data     Input pipeline images/s per core (read + decode + resize/crop +
          tokenize + batch) from tar and ArrayRecord via grain, side by side with
          a plain tf.data pipeline doing the same work (simvlm_jax/data/data_benchmark.py).
+decode   Caption decoding captions/s, ours (jitted, KV cache) vs open_clip CoCa's
+         `generate` on the same CPU, model, images and strategy (beam search,
+         greedy); needs the open_clip test stack (simvlm_jax/decode_benchmark.py).
 memory   Compiles the sharded train step ahead of time (no training, no data)
          for a config and mesh and prints per-device bytes of params, optimizer
          state and XLA temporaries. `--devices N` compiles for N simulated host
@@ -150,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m simvlm_jax.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["memory", "step", "data"])
+    parser.add_argument("what", choices=["memory", "step", "data", "decode"])
     parser.add_argument("--steps", type=int, default=20, help="timed steps (step)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compile (step)")
     parser.add_argument("--gin_file", action="append", default=[])
@@ -161,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hbm_gib", type=float, default=0.0, help="per-device memory budget to check against")
     from simvlm_jax.data import data_benchmark  # pylint: disable=g-import-not-at-top
     data_benchmark.add_args(parser)
+    from simvlm_jax import decode_benchmark  # pylint: disable=g-import-not-at-top
+    decode_benchmark.add_args(parser)
     args, rest = parser.parse_known_args(argv)
     bindings = [r[len("--gin."):] for r in rest if r.startswith("--gin.")]
     unknown = [r for r in rest if not r.startswith("--gin.")]
@@ -175,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.what == "data":
             result = data_benchmark.run(args)
+        elif args.what == "decode":
+            result = decode_benchmark.run(args)
         else:
             result = memory(args, bindings) if args.what == "memory" else step(args, bindings)
     except (UserError, ValueError, FileNotFoundError) as e:
