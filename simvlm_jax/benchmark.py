@@ -1,6 +1,6 @@
 """Benchmarks that print numbers: `python -m simvlm_jax.benchmark memory --gin_file=...`.
 
-step     Times the sharded train step on synthetic data (random images and
+step     Times the sharded train step (SimVLM, or CoCa with --model=coca) on synthetic data (random images and
          tokens) for a config and mesh: median step time, examples/s, tokens/s
          and MFU from the analytic FLOP count (simvlm_jax.flops) against the
          device's peak; also XLA's own FLOP count of the compiled step.
@@ -44,20 +44,28 @@ def _shard_bytes(tree: Any) -> tuple[int, int]:
     return max(per_device.values(), default=0), total
 
 
+def _model_config(model: str):
+    """The gin-configured model config: `SimVLMConfig()` or `CoCaConfig()`."""
+    from simvlm_jax.models import coca, simvlm  # pylint: disable=g-import-not-at-top
+    configs = {"simvlm": simvlm.SimVLMConfig, "coca": coca.CoCaConfig}
+    if model not in configs:
+        raise ValueError(f"--model={model!r}; use simvlm or coca")
+    return configs[model]()
+
+
 def memory(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
     from simvlm_jax import main as cli  # pylint: disable=g-import-not-at-top
     cli.load_gin(args.gin_file, bindings, args.gin_search_path)
     import gin  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     from simvlm_jax import partitioning, train  # pylint: disable=g-import-not-at-top
-    from simvlm_jax.models import simvlm  # pylint: disable=g-import-not-at-top
 
-    cfg = simvlm.SimVLMConfig()
+    cfg = _model_config(args.model)
     mesh = partitioning.make_mesh()
     batch_size = args.batch_size or gin.query_parameter("train.global_batch_size")
     trainer = train.Trainer(cfg, mesh, total_steps=1000)
     abstract_batch = {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype, sharding=trainer.batch_shardings[k])
-                      for k, v in simvlm.dummy_batch(cfg).items()}
+                      for k, v in train.dummy_batch(cfg).items()}
     with trainer.activate():
         compiled = trainer._step.lower(trainer.abstract_state, abstract_batch).compile()  # pylint: disable=protected-access
     stats = compiled.memory_analysis()
@@ -95,16 +103,17 @@ def step(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from simvlm_jax import flops, partitioning, train  # pylint: disable=g-import-not-at-top
-    from simvlm_jax.models import simvlm  # pylint: disable=g-import-not-at-top
 
-    cfg = simvlm.SimVLMConfig()
+    cfg = _model_config(args.model)
     mesh = partitioning.make_mesh()
     batch_size = args.batch_size or gin.query_parameter("train.global_batch_size")
     trainer = train.Trainer(cfg, mesh, total_steps=10_000)
     rng = np.random.default_rng(0)
-    host = {k: np.array(v) for k, v in simvlm.dummy_batch(cfg, batch_size).items()}
+    host = {k: np.array(v) for k, v in train.dummy_batch(cfg, batch_size).items()}
     host["image"] = rng.integers(0, 256, host["image"].shape, dtype=np.uint8)
-    host["prefix_tokens"][:, : cfg.max_prefix_len // 2] = rng.integers(3, cfg.vocab_size, (batch_size, cfg.max_prefix_len // 2))
+    if "prefix_tokens" in host:  # SimVLM: half the prefix slots hold text
+        half = host["prefix_tokens"].shape[1] // 2
+        host["prefix_tokens"][:, :half] = rng.integers(3, cfg.vocab_size, (batch_size, half))
     host["target_tokens"][:] = rng.integers(3, cfg.vocab_size, host["target_tokens"].shape)
     batch = partitioning.host_batch_to_global(host, mesh)
     t0 = time.perf_counter()
@@ -126,12 +135,12 @@ def step(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
         times.append(time.perf_counter() - t)
     step_sec = float(np.median(times))
     ex_per_sec = batch_size / step_sec
-    per_example = flops.simvlm_train_flops_per_example(cfg)
+    per_example = flops.train_flops_per_example(cfg)
     peak = flops.peak_flops_per_device()
     n = jax.device_count()
-    tokens = cfg.num_image_tokens + cfg.max_prefix_len + cfg.max_target_len
+    tokens = train.tokens_per_example_of(cfg)
     result = {
-        "device_kind": jax.devices()[0].device_kind, "devices": n, "mesh": dict(mesh.shape),
+        "model": type(cfg).__name__, "device_kind": jax.devices()[0].device_kind, "devices": n, "mesh": dict(mesh.shape),
         "global_batch_size": batch_size, "num_params": train.count_params(state.params),
         "dtype": cfg.dtype, "attention_impl": cfg.attention_impl, "remat_policy": cfg.remat_policy,
         "scan_layers": cfg.scan_layers, "compile_sec": round(compile_sec, 2),
@@ -154,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simvlm_jax.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["memory", "step", "data", "decode"])
+    parser.add_argument("--model", default="simvlm", choices=["simvlm", "coca"],
+                        help="which model config the gin files configure (step, memory)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (step)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compile (step)")
     parser.add_argument("--gin_file", action="append", default=[])
