@@ -29,23 +29,30 @@ from simvlm_jax.models import simvlm
 log = logging.getLogger("simvlm_jax")
 
 
-def load_eval_examples(shards: str | list[str], image_size: int,
-                       max_examples: int | None = None) -> list[dict[str, Any]]:
-    """Images + reference captions from webdataset shards (refs: json 'references', else .txt)."""
-    src = sources.TarShardSource(shards)
+def load_eval_examples(shards: str | list[str] | None, image_size: int, max_examples: int | None = None,
+                       source: Any = None) -> list[dict[str, Any]]:
+    """Images + reference captions from webdataset shards (refs: json 'references', else .txt)
+    or from a random-access `source` (e.g. `sources.CocoCaptionsSource`). Unreadable images
+    are skipped and logged. 'image_id': the json's image_id (COCO), else the record key."""
+    src = source if source is not None else sources.TarShardSource(shards)
     decode = pp.DecodeImage(image_size)
-    examples = []
+    examples, skipped = [], 0
     for i in range(len(src) if max_examples is None else min(max_examples, len(src))):
         record = src[i]
         ex = decode.map(record)
-        if ex is None:
+        meta = sources.read_json(record) if ex is not None else {}
+        refs = meta.get("references") or ([ex["text"].decode("utf-8", "replace")
+                                            if isinstance(ex["text"], bytes) else ex["text"]]
+                                           if ex is not None and ex.get("text") else [])
+        if ex is None or not refs:
+            skipped += 1
             continue
-        meta = sources.read_json(record)
-        refs = meta.get("references") or [ex["text"].decode("utf-8", "replace")
-                                           if isinstance(ex["text"], bytes) else ex["text"]]
-        examples.append({"key": record["__key__"], "image": ex["image"], "references": list(refs)})
+        examples.append({"key": record["__key__"], "image_id": meta.get("image_id", record["__key__"]),
+                         "image": ex["image"], "references": list(refs)})
+    if skipped:
+        log.warning("eval: skipped %d examples without a readable image or reference captions", skipped)
     if not examples:
-        raise ValueError(f"No readable evaluation examples in {shards}")
+        raise ValueError(f"No readable evaluation examples in {source if source is not None else shards}")
     return examples
 
 
@@ -119,15 +126,29 @@ def write_report(path: str, rows: list[dict[str, Any]], metrics: dict[str, Any],
 
 @gin.configurable
 def evaluate_captioning(model: simvlm.SimVLM, params: Any, vocab, mesh: jax.sharding.Mesh, out_dir: str,
-                        shards: str = gin.REQUIRED, prompt: str = "a picture of", batch_size: int = 64,
+                        shards: str | None = None, annotations_json: str | None = None,
+                        image_dir: str | None = None, split: str | None = None,
+                        prompt: str = "a picture of", batch_size: int = 64,
                         max_examples: int | None = None, max_decode_len: int | None = None,
                         metrics: Iterable[str] = ("bleu", "rouge_l", "cider"),
                         with_constant_baseline: bool = True, num_beams: int = 1, min_len: int = 0,
                         length_penalty: float = 1.0, repetition_penalty: float = 1.0) -> dict[str, Any]:
-    """Zero-shot captioning on `shards` (greedy, or beam search with `num_beams > 1`);
-    writes captions.json, metrics.json, report.html."""
+    """Zero-shot captioning (greedy, or beam search with `num_beams > 1`) on webdataset
+    `shards`, or on a COCO-style set: `annotations_json` (COCO captions json or
+    Karpathy's dataset_coco.json, with `split`, e.g. 'test') + `image_dir`.
+    Writes captions.json (COCO results format), metrics.json, report.html."""
     os.makedirs(out_dir, exist_ok=True)
-    examples = load_eval_examples(shards, model.config.image_size, max_examples)
+    if annotations_json:
+        if not image_dir:
+            raise ValueError("evaluate_captioning.annotations_json needs evaluate_captioning.image_dir "
+                             "(the folder holding the images)")
+        source = sources.CocoCaptionsSource(annotations_json, image_dir, split)
+    elif shards:
+        source = None
+    else:
+        raise ValueError("Nothing to evaluate: set evaluate_captioning.shards (webdataset tar glob) or "
+                         "evaluate_captioning.annotations_json + .image_dir (COCO / Karpathy json)")
+    examples = load_eval_examples(shards, model.config.image_size, max_examples, source)
     images = np.stack([e["image"] for e in examples])
     preds = generate_captions(model, params, vocab, images, prompt, mesh, batch_size, max_decode_len,
                               num_beams=num_beams, min_len=min_len, length_penalty=length_penalty,
@@ -145,7 +166,7 @@ def evaluate_captioning(model: simvlm.SimVLM, params: Any, vocab, mesh: jax.shar
     out = {"metrics": summary, "tokenizer": result["tokenizer"], "notes": result["notes"], "prompt": prompt}
     if jax.process_index() == 0:
         with open(os.path.join(out_dir, "captions.json"), "w", encoding="utf-8") as f:
-            json.dump([{"image_id": k, "caption": v} for k, v in predictions.items()], f, indent=1)
+            json.dump([{"image_id": e["image_id"], "caption": predictions[e["key"]]} for e in examples], f, indent=1)
         with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1)
         rows = [{"key": e["key"], "image": e["image"], "references": e["references"],
