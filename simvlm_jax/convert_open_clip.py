@@ -4,10 +4,13 @@
     cfg = conv.config_from_open_clip(open_clip.get_model_config('coca_ViT-B-32'))
     params = conv.from_open_clip(conv.load_state_dict('open_clip_pytorch_model.bin'), cfg)
     state_dict = conv.to_open_clip(params, cfg)      # numpy arrays, open_clip key names
+    model_cfg = conv.config_to_open_clip(cfg)        # open_clip's model config dict
 
-Command line (writes flax msgpack params):
+Command line, open_clip -> ours (writes flax msgpack params), and an export bundle ->
+open_clip's files (open_clip_config.json + weights, for `create_model('local-dir:OUT')`):
     python -m simvlm_jax.convert_open_clip --model coca_ViT-B-32 \
         --checkpoint open_clip_pytorch_model.bin --output coca_b32.msgpack
+    python -m simvlm_jax.convert_open_clip --export_dir EXPORT --output OUT [--format bin]
 
 Token ids and images: open_clip's tokenizer output `text` [B, 76] (starting with
 <start_of_text> = 49406) is our `encode_text` input; for training/captioning pass
@@ -34,7 +37,8 @@ def config_from_open_clip(model_cfg: Mapping[str, Any], **overrides) -> coca.CoC
     embed_dim = model_cfg["embed_dim"]
     head_width = v.get("head_width", 64)
     text_mlp = int(t.get("width", 512) * t.get("mlp_ratio", 4.0))
-    mm_mlp = int(m.get("width", 512) * m.get("mlp_ratio", 4))
+    # open_clip's MultimodalTransformer is built without multimodal_cfg.mlp_ratio: always 4x.
+    mm_mlp = int(m.get("width", 512) * 4)
     unsupported = {k: v.get(k) for k in ("ls_init_value", "patch_dropout", "no_ln_pre", "pos_embed_type")
                    if v.get(k) not in (None, 0.0, False, "learnable")}
     if isinstance(v.get("attentional_pool"), str):
@@ -56,12 +60,56 @@ def config_from_open_clip(model_cfg: Mapping[str, Any], **overrides) -> coca.CoC
         multimodal_layers=m.get("layers", 12), decoder_heads=t.get("heads", 8), decoder_mlp_dim=text_mlp,
         embed_dim=embed_dim, n_queries=v.get("attn_pooler_queries", 256),
         pooler_heads=v.get("attn_pooler_heads", 8),
-        max_text_len=t.get("context_length", 77) - 1, bos_id=49406, pad_id=t.get("pad_id", 0),
+        max_text_len=t.get("context_length", 77) - 1, bos_id=49406, eos_id=49407, pad_id=t.get("pad_id", 0),
         open_clip_compatible=True,
         activation="quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu_exact",
         layer_norm_eps=1e-5, image_mean=coca.OPENAI_MEAN, image_std=coca.OPENAI_STD)
     kw.update(overrides)
     return coca.CoCaConfig(**kw)
+
+
+def config_to_open_clip(cfg: coca.CoCaConfig) -> dict[str, Any]:
+    """open_clip model config dict (`model_cfg` in open_clip_config.json) for an
+    open_clip-compatible CoCaConfig: the inverse of `config_from_open_clip`.
+
+    Token ids (bos/eos), dtypes, scan/remat and image mean/std are not part of it
+    (mean/std go to open_clip's preprocess config, see `preprocess_to_open_clip`).
+    """
+    problems = {}
+    if not cfg.open_clip_compatible:
+        problems["open_clip_compatible"] = False
+    if cfg.activation not in ("gelu_exact", "quick_gelu"):
+        problems["activation"] = cfg.activation
+    if cfg.layer_norm_eps != 1e-5:  # open_clip's LayerNorms use torch's default eps
+        problems["layer_norm_eps"] = cfg.layer_norm_eps
+    if cfg.decoder_mlp_dim != 4 * cfg.decoder_width:  # the multimodal decoder's MLP is always 4x
+        problems["decoder_mlp_dim"] = cfg.decoder_mlp_dim
+    if int(cfg.encoder_width * (cfg.encoder_mlp_dim / cfg.encoder_width)) != cfg.encoder_mlp_dim:  # open_clip's rounding
+        problems["encoder_mlp_dim"] = cfg.encoder_mlp_dim
+    if problems:
+        raise ValueError(f"config_to_open_clip: this CoCaConfig has no open_clip equivalent: {problems}")
+    text = {"context_length": cfg.max_text_len + 1, "vocab_size": cfg.vocab_size, "width": cfg.decoder_width,
+            "heads": cfg.decoder_heads}
+    return {
+        "embed_dim": cfg.embed_dim,
+        "quick_gelu": cfg.activation == "quick_gelu",
+        "vision_cfg": {"image_size": cfg.image_size, "layers": cfg.encoder_layers, "width": cfg.encoder_width,
+                       "patch_size": cfg.patch_size, "head_width": cfg.encoder_width // cfg.encoder_heads,
+                       "mlp_ratio": cfg.encoder_mlp_dim / cfg.encoder_width, "attentional_pool": True,
+                       "attn_pooler_heads": cfg.num_pooler_heads, "attn_pooler_queries": cfg.n_queries,
+                       "output_tokens": True},
+        "text_cfg": {**text, "layers": cfg.unimodal_layers, "mlp_ratio": cfg.decoder_mlp_dim / cfg.decoder_width,
+                     "embed_cls": True, "pad_id": cfg.pad_id, "output_tokens": True},
+        # open_clip never reads multimodal_cfg.attn_pooler_heads; its configs set it to the heads.
+        "multimodal_cfg": {**text, "layers": cfg.multimodal_layers, "attn_pooler_heads": cfg.decoder_heads},
+        "custom_text": True,  # open_clip.create_model builds a CoCa only with this flag
+    }
+
+
+def preprocess_to_open_clip(cfg: coca.CoCaConfig) -> dict[str, Any]:
+    """open_clip's preprocess config (image size, mean/std in [0, 1] units) for our uint8 normalization."""
+    return {"size": cfg.image_size, "mean": [m / 255 for m in cfg.image_mean],
+            "std": [s / 255 for s in cfg.image_std]}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -249,13 +297,37 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     return {k.removeprefix("module."): _np(v) for k, v in sd.items()}
 
 
+def _export_to_open_clip(export_dir: str, output: str, formats: list[str]) -> None:
+    """An export bundle (open_clip-compatible CoCa) -> open_clip's files in `output`."""
+    from simvlm_jax import export  # pylint: disable=g-import-not-at-top
+    model, params, _ = export.load_export(export_dir)
+    if not isinstance(model, coca.CoCa):
+        raise SystemExit(f"error: {export_dir} holds a {type(model).__name__}, not an open_clip-compatible CoCa")
+    dtype = export.read_export_info(export_dir)["dtype"]
+    export.export_open_clip(params, model.config, output, formats=formats,
+                            dtype=dtype if dtype in export.EXPORT_DTYPES else "float32")
+    print(f"wrote open_clip files to {output}; load with open_clip.create_model('local-dir:{output}')")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="open_clip model name, e.g. coca_ViT-B-32")
-    ap.add_argument("--checkpoint", required=True, help=".bin/.pt/.safetensors open_clip state_dict")
-    ap.add_argument("--output", required=True, help="output .msgpack (flax serialization of the params)")
+    ap.add_argument("--model", help="open_clip model name, e.g. coca_ViT-B-32 (open_clip -> ours)")
+    ap.add_argument("--checkpoint", help=".bin/.pt/.safetensors open_clip state_dict (open_clip -> ours)")
+    ap.add_argument("--export_dir", help="a simvlm_jax export of an open_clip-compatible CoCa (ours -> open_clip)")
+    ap.add_argument("--output", required=True,
+                    help="open_clip -> ours: output .msgpack (flax serialization of the params); "
+                         "ours -> open_clip: output directory for open_clip.create_model('local-dir:...')")
+    ap.add_argument("--format", action="append", choices=("safetensors", "bin"),
+                    help="ours -> open_clip weight files (repeatable; default safetensors)")
     ap.add_argument("--scan_layers", action="store_true")
     args = ap.parse_args(argv)
+    if args.export_dir:
+        if args.model or args.checkpoint:
+            ap.error("--export_dir (ours -> open_clip) excludes --model/--checkpoint")
+        _export_to_open_clip(args.export_dir, args.output, args.format or ["safetensors"])
+        return
+    if not (args.model and args.checkpoint):
+        ap.error("open_clip -> ours needs --model and --checkpoint (or give --export_dir)")
     import open_clip  # pylint: disable=g-import-not-at-top
     from flax import serialization  # pylint: disable=g-import-not-at-top
     cfg = config_from_open_clip(open_clip.get_model_config(args.model), scan_layers=args.scan_layers)

@@ -7,6 +7,7 @@ text embedding and caption logits (float32, relative error <= 1e-4).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import flax.linen as nn
@@ -174,3 +175,100 @@ def test_gin_configs_match_open_clip(name, clean_gin):
     n_torch = sum(p.numel() for p in tmodel.parameters())
     n_ours = coca.count_params(nn.meta.unbox(coca.abstract_params(expected)))
     assert n_ours == n_torch, (n_ours, n_torch)
+
+
+# ----------------------------------------------------------------------------- ours -> open_clip files
+
+def _open_clip_cfgs(model_cfg: dict) -> tuple:
+    """open_clip's own dataclasses for a model config (so that defaults compare equal to explicit values)."""
+    from open_clip.coca_model import MultimodalCfg  # pylint: disable=g-import-not-at-top
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # pylint: disable=g-import-not-at-top
+    return (model_cfg["embed_dim"], model_cfg.get("quick_gelu", False), model_cfg.get("custom_text", False),
+            CLIPVisionCfg(**model_cfg["vision_cfg"]), CLIPTextCfg(**model_cfg["text_cfg"]),
+            MultimodalCfg(**model_cfg["multimodal_cfg"]))
+
+
+@pytest.mark.parametrize("name", ["coca_ViT-B-32", "coca_ViT-L-14"])
+def test_config_to_open_clip_matches_builtin(name):
+    theirs = open_clip.get_model_config(name)
+    ours = conv.config_to_open_clip(conv.config_from_open_clip(theirs))
+    assert _open_clip_cfgs(ours) == _open_clip_cfgs(theirs)
+
+
+@pytest.mark.parametrize("vision_width,quick_gelu", [(48, False), (32, True)])
+def test_config_to_open_clip_inverts_config_from_open_clip(vision_width, quick_gelu):
+    cfg = conv.config_from_open_clip(small_model_cfg(vision_width, quick_gelu), bos_id=BOS)
+    model_cfg = conv.config_to_open_clip(cfg)
+    assert conv.config_from_open_clip(model_cfg, bos_id=BOS) == cfg
+    assert _open_clip_cfgs(model_cfg)[1:] == _open_clip_cfgs({**small_model_cfg(vision_width, quick_gelu),
+                                                             "custom_text": True})[1:]
+    for bad in ({"open_clip_compatible": False, "activation": "gelu"}, {"layer_norm_eps": 1e-6},
+                {"decoder_mlp_dim": 64}):
+        with pytest.raises(ValueError, match="no open_clip equivalent"):
+            conv.config_to_open_clip(coca.CoCaConfig(**{**dataclasses.asdict(cfg), **bad}))
+
+
+def _ours_random(cfg: coca.CoCaConfig, seed: int = 0) -> dict:
+    """Our random init, perturbed off its trivial values (as build_torch does for open_clip's)."""
+    init = jax.jit(lambda key: nn.meta.unbox(coca.CoCa(cfg).init(key, coca.dummy_batch(cfg)))["params"])
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32),
+                                  init(jax.random.key(seed)))
+
+
+def _inputs(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((B, 3, 32, 32)).astype(np.float32), make_text(rng)  # NCHW, normalized
+
+
+def _ours_outputs(model: coca.CoCa, params: dict, images: np.ndarray, text: np.ndarray) -> dict:
+    def run(p, nhwc, text):
+        mdl = model.bind({"params": p})
+        logits = mdl({"image": nhwc, "target_tokens": text[:, 1:]})["logits"]
+        return {"encode_image": mdl.encode_image(nhwc), "encode_text": mdl.encode_text(text), "logits": logits}
+    return jax.jit(run)(params, jnp.asarray(images.transpose(0, 2, 3, 1)), jnp.asarray(text))
+
+
+def _compare_with_open_clip(tmodel, ours: dict, images: np.ndarray, text: np.ndarray, rtol: float) -> None:
+    """encode_image, encode_text and caption logits of an open_clip model vs ours (relative error)."""
+    with torch.no_grad():
+        theirs = {"encode_image": tmodel.encode_image(torch.from_numpy(images)),
+                  "encode_text": tmodel.encode_text(torch.from_numpy(text)),
+                  "logits": tmodel(torch.from_numpy(images), torch.from_numpy(text))["logits"]}
+    for what, ref in theirs.items():
+        assert rel_err(ours[what], ref.numpy()) < rtol, (what, rel_err(ours[what], ref.numpy()))
+
+
+def test_export_loads_in_open_clip(tmp_path, monkeypatch):
+    """Our params -> export bundle with open_clip files (safetensors) and the convert CLI (.bin):
+    open_clip's create_model loads both strictly and computes our embeddings and logits."""
+    from simvlm_jax import export  # pylint: disable=g-import-not-at-top
+    model_cfg = small_model_cfg(48, False)
+    cfg = conv.config_from_open_clip(model_cfg, bos_id=BOS)
+    params = _ours_random(cfg)
+    images, text = _inputs()
+    ours = _ours_outputs(coca.CoCa(cfg), params, images, text)
+    bundle = export.export(params, cfg, None, str(tmp_path / "bundle"), open_clip_state_dict=True)
+
+    # 1. The bundle's open_clip/ dir: config + safetensors, via open_clip's local-dir schema.
+    tmodel = open_clip.create_model(f"local-dir:{bundle}/{export.OPEN_CLIP_DIR}").eval()
+    assert isinstance(tmodel, open_clip.CoCa)
+    _compare_with_open_clip(tmodel, ours, images, text, rtol=1e-4)
+
+    # 2. A torch .bin from the CLI, loaded as `pretrained=` for a registered model name.
+    out = str(tmp_path / "bin")
+    conv.main(["--export_dir", bundle, "--output", out, "--format", "bin"])
+    assert sorted(os.listdir(out)) == ["open_clip_config.json", "open_clip_pytorch_model.bin"]
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "test-coca-small", {**model_cfg, "custom_text": True})
+    tmodel = open_clip.create_model("test-coca-small", pretrained=os.path.join(out, "open_clip_pytorch_model.bin"))
+    state_dict = torch.load(os.path.join(out, "open_clip_pytorch_model.bin"), weights_only=True)
+    open_clip.CoCa(**model_cfg).load_state_dict(state_dict, strict=True)
+    for k, v in conv.to_open_clip(params, cfg).items():
+        np.testing.assert_array_equal(tmodel.state_dict()[k].numpy(), v, err_msg=k)
+    _compare_with_open_clip(tmodel.eval(), ours, images, text, rtol=1e-4)
+
+    # 3. bf16 weights load into open_clip's float32 model; outputs move by bf16 rounding only
+    # (measured: 0.4% image, 1.3% text embedding, 0.9% logits).
+    bf16_dir = export.export_open_clip(params, cfg, str(tmp_path / "bf16"), dtype="bfloat16")
+    tmodel = open_clip.create_model(f"local-dir:{bf16_dir}").eval()
+    _compare_with_open_clip(tmodel, ours, images, text, rtol=3e-2)
