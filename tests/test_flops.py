@@ -1,0 +1,153 @@
+"""Analytic FLOP counts (simvlm_jax.flops) against XLA's own count of the compiled program.
+
+Two references, on unscanned tiny configs:
+  * the matmuls/convolutions of the compiled HLO, each counted as 2 * out elements *
+    contraction size: must equal the analytic count exactly (`count_masked=True`, since
+    XLA computes the full masked causal attention matrices);
+  * `compiled.cost_analysis()['flops']`, which also counts elementwise ops (norms,
+    softmax, GELU, masks): a few % above the matmul count.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import flax.linen as nn
+import jax
+import pytest
+
+from conftest import tiny_config
+from simvlm_jax import flops, train
+from simvlm_jax.models import coca, simvlm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B = 2
+COCA = dict(vocab_size=512, image_size=64, patch_size=16, encoder_width=128, encoder_layers=2, encoder_heads=4,
+            encoder_mlp_dim=512, decoder_width=128, unimodal_layers=2, multimodal_layers=2, decoder_heads=4,
+            decoder_mlp_dim=512, embed_dim=64, n_queries=8, max_text_len=12)
+OPEN_CLIP = dict(open_clip_compatible=True, activation="gelu_exact", embed_dim=128)
+
+_DEF = re.compile(r"%([\w.\-]+) = \w+\[([\d,]*)\]")
+_MATMUL = re.compile(r"= \w+\[([\d,]*)\]\S* (dot|convolution)\(%([\w.\-]+), %([\w.\-]+)\)(.*)")
+
+
+def _dims(text: str) -> list[int]:
+    return [int(d) for d in text.split(",")] if text else []
+
+
+def hlo_matmul_flops(hlo: str) -> float:
+    """2 * output elements * contraction size, summed over every dot and convolution of an HLO
+    module (convolutions with input dilation, i.e. strided-conv gradients, would be overcounted)."""
+    shapes = {m.group(1): _dims(m.group(2)) for m in _DEF.finditer(hlo)}
+    total = 0.0
+    for m in _MATMUL.finditer(hlo):
+        out, kind, lhs, rhs, attrs = _dims(m.group(1)), m.group(2), m.group(3), m.group(4), m.group(5)
+        if kind == "dot":
+            dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs).group(1)
+            k = math.prod(shapes[lhs][d] for d in _dims(dims))
+        else:
+            assert "lhs_dilate" not in attrs, "input-dilated convolution: count not exact"
+            kernel_labels = re.search(r"dim_labels=\w+_(\w+)->", attrs).group(1)
+            k = math.prod(shapes[rhs]) // shapes[rhs][kernel_labels.index("o")]
+        total += 2.0 * math.prod(out) * k
+    return total
+
+
+def xla_flops(fn, *args) -> tuple[float, float]:
+    """(matmul FLOPs from the compiled HLO, cost_analysis FLOPs) of jit(fn)(*args), per example."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return hlo_matmul_flops(compiled.as_text()) / B, cost["flops"] / B
+
+
+def _coca(overrides: dict):
+    cfg = coca.CoCaConfig(**{**COCA, **overrides})
+    params = nn.meta.unbox(coca.abstract_params(cfg))
+    return cfg, coca.CoCa(cfg), params, jax.eval_shape(lambda: coca.dummy_batch(cfg, B))
+
+
+def _simvlm(overrides: dict):
+    cfg = tiny_config(width=128, num_heads=4, mlp_dim=512, encoder_layers=2, decoder_layers=2, **overrides)
+    model = simvlm.SimVLM(cfg)
+    params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), simvlm.dummy_batch(cfg)))["params"])
+    return cfg, model, params, jax.eval_shape(lambda: simvlm.dummy_batch(cfg, B))
+
+
+# XLA's elementwise work on top of the matmuls: ~2% with tanh-GELU; open_clip's exact (erf)
+# GELU costs ~75 FLOPs per element in XLA's count, ~8% here.
+@pytest.mark.parametrize("overrides,max_elementwise", [
+    ({}, 0.03), (dict(pooler_layout="parallel"), 0.03), (OPEN_CLIP, 0.10),
+    (dict(stem_stages=2, stem_width=32, stem_units=(1, 1)), 0.03),
+], ids=["cascade", "parallel", "open_clip", "conv_stem"])
+def test_coca_forward_flops_equal_compiled_matmuls(overrides, max_elementwise):
+    cfg, model, params, batch = _coca(overrides)
+    matmuls, total = xla_flops(lambda p, b: model.apply({"params": p}, b), params, batch)
+    analytic = flops.coca_forward_flops(cfg, count_masked=True)
+    assert matmuls == pytest.approx(analytic, rel=1e-9)
+    assert 1.0 <= total / analytic < 1.0 + max_elementwise, total / analytic
+
+
+def test_coca_train_flops_match_xla():
+    """Backward = 2 x forward, except that no gradient flows into the pixels: the patch
+    embedding's input-gradient matmul (1 x its forward) is not executed."""
+    cfg, model, params, batch = _coca({})
+    loss = lambda p, b: coca.coca_loss(model.apply({"params": p}, b), b["target_tokens"])[0]
+    matmuls, total = xla_flops(jax.value_and_grad(loss), params, batch)
+    analytic = flops.coca_train_flops_per_example(cfg, batch_size=B, count_masked=True)
+    patch_embed = 2 * cfg.num_patches * cfg.patch_size ** 2 * 3 * cfg.encoder_width
+    assert matmuls == pytest.approx(analytic - patch_embed, rel=1e-4)
+    assert total == pytest.approx(analytic, rel=0.03)
+
+
+def test_causal_attention_counts_half_by_default():
+    cfg = coca.CoCaConfig(**COCA)
+    t, d = cfg.num_text_positions, cfg.decoder_width
+    masked_half = (cfg.unimodal_layers * 2 * t * t * d
+                   + cfg.multimodal_layers * 2 * cfg.max_text_len ** 2 * d)
+    full = flops.coca_forward_flops(cfg, count_masked=True)
+    assert flops.coca_forward_flops(cfg) == pytest.approx(full - masked_half, rel=1e-12)
+    # The contrastive logits: one row of the [B, B] matrix per example and direction.
+    assert flops.coca_forward_flops(cfg, batch_size=64) - flops.coca_forward_flops(cfg) == 4 * 64 * cfg.embed_dim
+    assert flops.coca_train_flops_per_example(cfg) == 3 * flops.coca_forward_flops(cfg)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(stem_stages=0, patch_size=16), dict(stem_stages=1, stem_units=(1,), patch_size=8),
+], ids=["linear_stem", "conv_stem"])
+def test_simvlm_forward_flops_equal_compiled_matmuls(overrides):
+    cfg, model, params, batch = _simvlm(overrides)
+    matmuls, total = xla_flops(lambda p, b: model.apply({"params": p}, b), params, batch)
+    analytic = flops.simvlm_forward_flops(cfg, count_masked=True)
+    assert matmuls == pytest.approx(analytic, rel=1e-9)
+    assert 1.0 <= total / analytic < 1.03, total / analytic
+
+
+def test_simvlm_train_flops_match_xla():
+    cfg, model, params, batch = _simvlm(dict(stem_stages=0, patch_size=16))
+    loss = lambda p, b: train.prefix_lm_loss(model.apply({"params": p}, b), b["target_tokens"])[0]
+    matmuls, total = xla_flops(jax.value_and_grad(loss), params, batch)
+    analytic = flops.simvlm_train_flops_per_example(cfg, count_masked=True)
+    patch_embed = 2 * cfg.num_image_tokens * cfg.patch_size ** 2 * 3 * cfg.width
+    assert matmuls == pytest.approx(analytic - patch_embed, rel=1e-4)
+    assert total == pytest.approx(analytic, rel=0.03)
+
+
+def test_docs_models_table_is_current():
+    """docs/models.md holds the output of `python -m simvlm_jax.flops --table` for every gin/models config."""
+    rows = flops.model_rows()
+    gin_files = {os.path.splitext(f)[0] for f in os.listdir(os.path.join(REPO, "gin", "models"))}
+    assert {r.name for r in rows} == gin_files
+    by_name = {r.name: r for r in rows}
+    assert by_name["simvlm_tiny"].num_params == 1_251_488  # README
+    for name, reference in (("coca_ViT-B-32", 253_560_065), ("coca_ViT-L-14", 638_450_177)):
+        assert by_name[name].num_params == reference  # open_clip's own counts
+    base = by_name["coca_base"]
+    assert abs(base.num_params - base.pooler_params - 383e6) / 383e6 < 0.005
+    with open(os.path.join(REPO, "docs", "models.md"), encoding="utf-8") as f:
+        doc = f.read()
+    tables = flops.markdown_tables(rows).strip().split("\n\n")
+    assert len(tables) == 2
+    for table in tables:
+        assert table in doc, "docs/models.md is stale; regenerate: python -m simvlm_jax.flops --table"
