@@ -66,10 +66,14 @@ def _build(name: str, seed: int = 0):
     import open_clip  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
     torch.manual_seed(seed)
-    model_cfg = TINY_OPEN_CLIP if name == "tiny" else open_clip.get_model_config(name)
-    if model_cfg is None:
-        raise ValueError(f"--open_clip_model={name!r} is not an open_clip model name")
-    model = open_clip.CoCa(**model_cfg).eval()
+    if name == "tiny":
+        model_cfg, model = TINY_OPEN_CLIP, open_clip.CoCa(**TINY_OPEN_CLIP)
+    else:
+        model_cfg = open_clip.get_model_config(name)
+        if model_cfg is None or "multimodal_cfg" not in model_cfg:
+            raise ValueError(f"--open_clip_model={name!r} is not an open_clip CoCa model name")
+        model = open_clip.create_model(name)  # random weights
+    model.eval()
     with torch.no_grad():  # open_clip leaves it uninitialized (torch.empty)
         torch.nn.init.normal_(model.text_decoder.text_projection, std=model.text_decoder.width ** -0.5)
     return model, model_cfg

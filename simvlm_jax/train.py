@@ -312,8 +312,14 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
           seed: int = 0, log_every: int = 50, mesh: jax.sharding.Mesh | None = None,
           model_config: ModelConfig | None = None, max_consecutive_nonfinite: int = 10,
           loss_spike_factor: float = 3.0, profile_steps: tuple[int, int] | None = None,
-          eval_every: int = 0, eval_fn: Callable[[Any, int], dict] | None = None) -> dict[str, Any]:
+          eval_every: int = 0, eval_fn: Callable[[Any, int], dict] | None = None,
+          init_from: str | None = None, init_include: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Trains for `num_steps`, resuming from the latest checkpoint in `work_dir`.
+
+    A new run (no checkpoint yet) with `init_from=EXPORT_DIR` starts from an export's
+    weights (`simvlm_jax.export`): all of them, or only the params whose path matches
+    one of the `init_include` regexes (e.g. ('visual/.*',) to fine-tune a new CoCa
+    head on a pretrained image encoder); the rest keep their random init.
 
     Logs loss terms, grad norm, lr, examples/s, tokens/s, step time and MFU every
     `log_every` steps; skips NaN/Inf updates and stops after
@@ -342,6 +348,12 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
         state, start = trainer.init_state(), 0
         log.info("Initialized a new model (%s params) on mesh %s", f"{count_params(state.params):,}",
                  dict(mesh.shape))
+        if init_from:
+            from simvlm_jax import export  # pylint: disable=g-import-not-at-top
+            # Adam/Adafactor moments start at zero whatever the params: only params change.
+            state = state.replace(params=export.load_params_for_training(init_from, state.params, init_include))
+            log.info("Initialized params from the export %s%s", init_from,
+                     f" (only {list(init_include)})" if init_include else "")
     else:
         state, start = restored
         log.info("Resumed from %s at step %d", manager.directory, start)

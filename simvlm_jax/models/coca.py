@@ -259,8 +259,11 @@ class AttentionalPooler(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        q = _param(self, "query", nn.initializers.normal(1.0 if self.norm_queries else 0.02),
-                   ("position", "embed"), (self.n_queries, self.width), self.param_dtype)
+        # Unit-scale queries (as open_clip and lucidrains): with small ones every query attends
+        # almost uniformly, the pooled image tokens start nearly identical and the decoder's
+        # cross-attention gets ~1e-3 of the gradient it gets with these.
+        q = _param(self, "query", nn.initializers.normal(1.0), ("position", "embed"),
+                   (self.n_queries, self.width), self.param_dtype)
         if self.norm_queries:
             q = layers.layer_norm("ln_q", eps=self.eps, **kw)(q)
         q = jnp.broadcast_to(q.astype(self.dtype)[None], (x.shape[0],) + q.shape)
