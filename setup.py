@@ -26,6 +26,10 @@ INSTALL_REQUIRES = [
     "msgpack==1.2.4",
     "tqdm==4.70.1",
     "etils==1.15.0",
+    "fsspec==2026.9.0",  # gs://, s3://, ... data paths; the protocols' packages are the gcs / s3 extras
+    "simplejpeg==1.9.0",  # JPEG decode (libjpeg-turbo), pixel-identical to PIL's, faster
+    # SIMD antialiased resize (fast_image_resize). No Linux aarch64 wheel: PIL resizes there.
+    "cykooz-resizer==4.0.1; platform_machine == 'x86_64' or platform_machine == 'AMD64' or sys_platform == 'darwin'",
     "pycocoevalcap==1.2",  # ships the PTB tokenizer and METEOR jars used by caption_metrics
 ]
 
@@ -39,5 +43,7 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest==9.2.0", "pycocoevalcap==1.2"],
+        "gcs": ["gcsfs==2026.10.1"],  # gs:// data paths
+        "s3": ["s3fs==2026.9.0"],  # s3:// data paths
     },
 )

@@ -390,3 +390,95 @@ def test_pipeline_drops_bad_samples_and_keeps_going(vocab, tmp_path):
                       ("caption_not_utf8", 1)):
         assert after.get(reason, 0) - before.get(reason, 0) == n, reason
     assert pipeline.skipped_counts() == pp.skipped_counts()
+
+
+# ----------------------------------------------------------------------------- fast image path
+
+def _jpeg(img, **kw):
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def _psnr(a, b):
+    return 10 * np.log10(255.0 ** 2 / max(np.mean((a.astype(np.float64) - b) ** 2), 1e-12))
+
+
+def test_fast_jpeg_decode_is_pixel_identical_to_pil():
+    """simplejpeg (libjpeg-turbo) gives PIL's pixels, DCT draft scale included; CMYK and
+    non-JPEG images fall through to PIL."""
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8))
+    cases = {"synthetic": _good_jpeg(), "444": _jpeg(noise, subsampling=0, quality=95),
+             "420 progressive": _jpeg(noise, progressive=True), "gray": _jpeg(noise.convert("L")),
+             "large, drafted 1/4": _jpeg(noise.resize((800, 600))), "cmyk": _jpeg(noise.convert("CMYK")),
+             "png": _png_bytes(noise)}
+    for name, data in cases.items():
+        fast = pp.decode_image(data, min_size=DATA_IMAGE_SIZE)
+        pil = pp.decode_image(data, min_size=DATA_IMAGE_SIZE, fast=False)
+        assert fast.dtype == np.uint8 and fast.shape[2] == 3, name
+        np.testing.assert_array_equal(fast, pil, err_msg=name)
+    assert pp.decode_image(cases["large, drafted 1/4"], min_size=150).shape == (150, 200, 3)
+    assert pp.draft_factor(800, 600, 150) == 4 and pp.draft_factor(800, 600, None) == 1
+    # The pixel limit still holds on the fast path (from the header, nothing decoded).
+    before = pp.skipped_counts().get("image_too_large", 0)
+    assert pp.DecodeImage(DATA_IMAGE_SIZE, max_image_pixels=100).map({"jpg": cases["444"], "txt": b"x"}) is None
+    assert pp.skipped_counts()["image_too_large"] == before + 1
+
+
+def _png_bytes(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_resize_box_matches_resize_then_crop():
+    """The PIL path equals PIL's resize-then-crop pixel for pixel (only the box is resampled);
+    the fast resizer (same Catmull-Rom kernel) is within rounding of it."""
+    rng = np.random.default_rng(1)
+    for h, w in ((96, 128), (128, 96), (64, 64), (300, 301), (20, 50)):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        size = 32
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        left, top = (nw - size) // 2, (nh - size) // 2
+        want = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BICUBIC).crop(
+            (left, top, left + size, top + size)))
+        np.testing.assert_array_equal(pp.resize_center_crop(img, size, fast=False), want)
+        fast = pp.resize_center_crop(img, size)
+        assert fast.shape == (size, size, 3) and fast.dtype == np.uint8 and fast.flags.writeable
+        assert _psnr(fast, want) > 45, (h, w)  # uniform noise: the worst case for rounding differences
+    # PIL images are accepted too (caption / zero-shot callers pass them).
+    pil_img = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    np.testing.assert_array_equal(pp.resize_center_crop(pil_img, 16),
+                                  pp.resize_center_crop(np.asarray(pil_img), 16))
+
+
+def test_decode_image_without_the_fast_packages(monkeypatch):
+    """Where simplejpeg / cykooz_resizer are not installed, PIL does everything, bad data included."""
+    monkeypatch.setattr(pp, "simplejpeg", None)
+    monkeypatch.setattr(pp, "cykooz_resizer", None)
+    dec = pp.DecodeImage(DATA_IMAGE_SIZE)
+    out = dec.map({"jpg": _good_jpeg(), "txt": b"a cat"})
+    assert out["image"].shape == (DATA_IMAGE_SIZE, DATA_IMAGE_SIZE, 3)
+    np.testing.assert_array_equal(out["image"], pp.DecodeImage(DATA_IMAGE_SIZE, fast=False).map(
+        {"jpg": _good_jpeg(), "txt": b"a cat"})["image"])
+    before = pp.skipped_counts().get("image_decode_error", 0)
+    assert dec.map({"jpg": _good_jpeg()[:40], "txt": b"a cat"}) is None
+    assert pp.skipped_counts()["image_decode_error"] == before + 1
+
+
+def test_resize_never_crashes_on_rounded_or_upscaled_boxes():
+    """Regressions: a crop box whose edge float-rounds past the image (506.00000000000006 on a
+    506-px side) made the Rust resizer raise, and upscaling 50x70 -> 64 killed the process
+    (SIGSEGV). Every center crop of many random sizes, down and up, gives the PIL result."""
+    rng = np.random.default_rng(7)
+    cases = [(506, 515, 224), (50, 70, 64), (30, 58, 32)]
+    cases += [(int(rng.integers(8, 600)), int(rng.integers(8, 600)), int(rng.choice([32, 64, 224])))
+              for _ in range(150)]
+    for h, w, size in cases:
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        fast = pp.resize_center_crop(img, size)
+        slow = pp.resize_center_crop(img, size, fast=False)
+        assert fast.shape == (size, size, 3)
+        assert _psnr(fast, slow) > 40, (h, w, size)

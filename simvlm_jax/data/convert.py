@@ -11,7 +11,8 @@ per line), jsonl (`--field`).
 Each record is one msgpack map `{'__key__': str, 'jpg'|'png'|'webp': bytes,
 'txt': bytes, 'json': bytes}` (text: `{'__key__', 'text'}`), see
 `sources.encode_record`; read it back with `sources.ArrayRecordSource` (gin:
-`image_text_task.source = 'array_record'`). Records are written in input order,
+`image_text_task.source = 'array_record'`). Inputs may be URLs (gs://, s3://, ... through
+fsspec, see `sources`); the output is a local path. Records are written in input order,
 with `group_size:1` so every record is one seek.
 
 Bad samples are skipped and counted by reason (the same reasons as training):
@@ -28,7 +29,7 @@ import collections
 import json
 import os
 import sys
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from simvlm_jax.data import preprocessors as pp
 from simvlm_jax.data import sources
@@ -63,7 +64,7 @@ def check_record(record: dict[str, Any], text_only: bool, check_images: bool = T
         try:
             data = pp.find_image(record)
             if check_images:
-                pp.open_image(data, max_image_pixels)
+                pp.decode_image(data, max_image_pixels)
         except pp.BadImage as e:
             return e.reason
         text = record.get("txt")
@@ -118,6 +119,9 @@ def convert(source, output: str, shard_size: int = 0, text_only: bool = False, c
     samples were skipped)."""
     from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    if sources.is_remote(output):
+        raise ValueError(f"--output {output}: ArrayRecord files are written to a local path (the C++ writer "
+                         f"takes no URL). Write locally, then copy (e.g. `gcloud storage cp`).")
     total = len(source)
     outputs = output_paths(output, total, shard_size)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -179,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = convert(src, a.output, a.shard_size, text_only=a.format in ("text", "jsonl"),
                           check_images=a.check_images, max_caption_chars=a.max_caption_chars,
                           progress=not a.no_progress)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # incl. sources.MissingPackageError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {summary['written']} of {summary['input_samples']} samples to {len(summary['outputs'])} "

@@ -5,6 +5,14 @@ text-only:  LineToText -> CleanCaption -> Tokenize -> PrefixLMSplit(text_only) -
 
 A transform that meets bad data returns None (grain drops it) and counts the
 reason in `SKIPPED`, which the trainer logs; nothing raises mid-run.
+
+Images: JPEGs are decoded by libjpeg-turbo through `simplejpeg` (the same library and
+settings as PIL's decoder, so the pixels are identical, without PIL's per-image
+overhead); any other format, CMYK/YCCK JPEGs and any JPEG it refuses go through PIL,
+which then decides whether the image is bad. Resizing uses `cykooz_resizer`
+(fast_image_resize: PIL's convolution resampler with the same Catmull-Rom = PIL
+BICUBIC kernel, antialiased, in SIMD), on the crop box only. Either falls back to
+PIL when its package is not installed (same output within rounding, 3-4x slower).
 """
 from __future__ import annotations
 
@@ -22,6 +30,15 @@ from PIL import Image
 
 from simvlm_jax.data import sources
 
+try:  # fast JPEG decoding (libjpeg-turbo); optional: PIL decodes everything otherwise
+    import simplejpeg
+except ImportError:  # pragma: no cover - depends on the platform's wheels
+    simplejpeg = None
+try:  # SIMD antialiased resize (fast_image_resize); optional: PIL resizes otherwise
+    import cykooz_resizer
+except ImportError:  # pragma: no cover - no wheel for e.g. Linux aarch64
+    cykooz_resizer = None
+
 _lock = threading.Lock()
 SKIPPED: collections.Counter = collections.Counter()  # reason -> count (this process)
 
@@ -36,14 +53,62 @@ def skipped_counts() -> dict[str, int]:
         return dict(SKIPPED)
 
 
-def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
-    """Aspect-preserving resize of the shorter side to `size`, then a center crop."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC)
+Box = tuple[float, float, float, float]  # (left, top, right, bottom) in source pixels
+_local = threading.local()  # one resizer per thread (the Rust object is not shared across threads)
+
+
+def _fir_resize(arr: np.ndarray, box: Box, size: int) -> np.ndarray:
+    """resize_box with cykooz_resizer: Catmull-Rom convolution (PIL's BICUBIC) on uint8 RGB."""
+    fir = cykooz_resizer
+    resizer = getattr(_local, "resizer", None)
+    if resizer is None:
+        resizer = _local.resizer = fir.Resizer()
+    left, top, right, bottom = box
+    options = fir.ResizeOptions(resize_alg=fir.ResizeAlg.convolution(fir.FilterType.catmull_rom),
+                                crop_box=fir.CropBox(left, top, right - left, bottom - top))
+    h, w = arr.shape[:2]
+    dst = fir.ImageData(size, size, fir.PixelType.U8x3)
+    resizer.resize(fir.ImageData(w, h, fir.PixelType.U8x3, arr.tobytes()), dst, options)
+    # bytearray: a writable array (get_buffer returns immutable bytes).
+    return np.frombuffer(bytearray(dst.get_buffer()), np.uint8).reshape(size, size, 3)
+
+
+def resize_box(img: Image.Image | np.ndarray, box: Box, size: int, fast: bool = True) -> np.ndarray:
+    """The `box` region of an RGB image resampled to uint8 [size, size, 3]: bicubic
+    (Catmull-Rom, PIL's BICUBIC), antialiased when shrinking. Only the box is resampled.
+    `fast=False`: PIL even where cykooz_resizer is installed."""
+    h, w = (img.height, img.width) if isinstance(img, Image.Image) else img.shape[:2]
+    # Float rounding can put an edge a hair outside the image (the Rust resizer then raises).
+    left, top, right, bottom = box
+    box = (max(0.0, left), max(0.0, top), min(float(w), right), min(float(h), bottom))
+    # The Rust resizer only downscales here: fast_image_resize (cykooz-resizer 4.0.1) crashed
+    # the process (SIGSEGV) upscaling some fractional crop boxes; upscales are rare and cheap.
+    shrinking = box[2] - box[0] >= size and box[3] - box[1] >= size
+    if fast and cykooz_resizer is not None and shrinking:
+        try:
+            return _fir_resize(np.ascontiguousarray(img, np.uint8), box, size)
+        except RuntimeError:  # the resizer refused this box: PIL does the same resampling
+            pass
+    if not isinstance(img, Image.Image):
+        img = Image.fromarray(np.asarray(img, np.uint8))
+    return np.array(img.resize((size, size), Image.BICUBIC, box=box), np.uint8)  # writable
+
+
+def center_crop_box(width: int, height: int, size: int) -> Box:
+    """The source box that resizing the shorter side to `size` then center-cropping keeps
+    (pixel for pixel the same output grid as resize-then-crop, without resizing the rest)."""
+    scale = size / min(width, height)
+    nw, nh = max(size, round(width * scale)), max(size, round(height * scale))
     left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)), np.uint8)
+    sx, sy = width / nw, height / nh
+    return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+
+
+def resize_center_crop(img: Image.Image | np.ndarray, size: int, fast: bool = True) -> np.ndarray:
+    """Aspect-preserving resize of the shorter side to `size`, then a center crop (an RGB PIL
+    image or uint8 [h, w, 3] array in, uint8 [size, size, 3] out)."""
+    h, w = (img.height, img.width) if isinstance(img, Image.Image) else img.shape[:2]
+    return resize_box(img, center_crop_box(w, h, size), size, fast)
 
 
 class BadImage(Exception):
@@ -106,6 +171,59 @@ def open_image(data: bytes, max_image_pixels: int = 50_000_000,
         raise BadImage("image_decode_error") from None
 
 
+_JPEG_SOI = b"\xff\xd8\xff"
+_FAST_JPEG_COLORSPACES = ("YCbCr", "Gray", "RGB")  # libjpeg-turbo converts these to RGB as PIL does
+
+
+def draft_factor(width: int, height: int, min_size: int | None) -> int:
+    """PIL's `draft` JPEG scale: the largest of 8, 4, 2, 1 that keeps both sides >= min_size."""
+    if not min_size:
+        return 1
+    scale = min(width // min_size, height // min_size)
+    return next(s for s in (8, 4, 2, 1) if scale >= s)
+
+
+def _pixel_limit(max_image_pixels: int) -> int:
+    # PIL refuses images over its own MAX_IMAGE_PIXELS too (open_image makes that warning an error).
+    limit = Image.MAX_IMAGE_PIXELS
+    return max_image_pixels if limit is None else min(max_image_pixels, limit)
+
+
+def _decode_jpeg_fast(data: bytes, max_image_pixels: int, formats: tuple[str, ...],
+                      min_size: int | None) -> np.ndarray | None:
+    """simplejpeg decode of a plain JPEG, or None to leave the image to PIL (not a JPEG, CMYK,
+    over the size limit, corrupt, truncated, ...: PIL then decodes or classifies it)."""
+    if simplejpeg is None or bytes(data[:3]) != _JPEG_SOI or not {"JPEG", "MPO"} <= set(formats):
+        return None
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in _FAST_JPEG_COLORSPACES or h * w > _pixel_limit(max_image_pixels):
+            return None
+        # The same DCT-domain downscale as PIL's draft (1/2, 1/4, 1/8 only), so both paths agree.
+        k = draft_factor(w, h, min_size)
+        return simplejpeg.decode_jpeg(data, "RGB", min_height=-(-h // k), min_width=-(-w // k))
+    except Exception:  # pylint: disable=broad-except  (strict mode: any libjpeg warning)
+        return None
+
+
+def _decode_any(data: bytes, max_image_pixels: int, formats: tuple[str, ...], min_size: int | None,
+                fast: bool) -> np.ndarray | Image.Image:
+    """simplejpeg's array where it applies, else PIL's RGB image (the resizers take either, so
+    neither is converted only to be converted back)."""
+    if not data:
+        raise BadImage("missing_image")
+    arr = _decode_jpeg_fast(data, max_image_pixels, formats, min_size) if fast else None
+    return open_image(data, max_image_pixels, formats, min_size) if arr is None else arr
+
+
+def decode_image(data: bytes, max_image_pixels: int = 50_000_000,
+                 formats: tuple[str, ...] = SUPPORTED_FORMATS, min_size: int | None = None,
+                 fast: bool = True) -> np.ndarray:
+    """Image bytes -> uint8 RGB [h, w, 3], or raises BadImage(reason); as `open_image`, with plain
+    JPEGs decoded by simplejpeg (pixel-identical to PIL, faster) unless `fast=False`."""
+    return np.asarray(_decode_any(data, max_image_pixels, formats, min_size, fast))
+
+
 def find_image(record: dict[str, Any]) -> bytes:
     """The record's image bytes, or raises BadImage ('missing_image' / 'image_unsupported_format')."""
     data = next((record[e] for e in sources.IMAGE_EXTS if record.get(e)), None)
@@ -130,21 +248,23 @@ class DecodeImage(grain.transforms.Map):
     Skips (and counts by reason) records the source could not read, missing / empty /
     corrupt / truncated images, formats outside `formats`, and images over
     `max_image_pixels` (checked from the header, before decoding). Grayscale, CMYK,
-    16-bit, alpha and palette images are converted to RGB.
+    16-bit, alpha and palette images are converted to RGB. `fast=False` decodes and
+    resizes with PIL only (see the module docstring).
     """
     image_size: int
     max_image_pixels: int = 50_000_000  # decompression-bomb guard
     formats: tuple[str, ...] = SUPPORTED_FORMATS
+    fast: bool = True
 
     def map(self, record: dict[str, Any]) -> dict[str, Any] | None:
-        return self._decode(record, lambda img: resize_center_crop(img, self.image_size))
+        return self._decode(record, lambda img: resize_center_crop(img, self.image_size, self.fast))
 
     def _decode(self, record: dict[str, Any] | None, crop) -> dict[str, Any] | None:
         if record is None or record_error(record):
             return None
         try:
-            img = open_image(find_image(record), self.max_image_pixels, tuple(self.formats),
-                             min_size=self.image_size)
+            img = _decode_any(find_image(record), self.max_image_pixels, tuple(self.formats),
+                              self.image_size, self.fast)
             image = crop(img)
         except BadImage as e:
             skip(e.reason)
@@ -159,12 +279,12 @@ class DecodeImage(grain.transforms.Map):
                 "key": record.get("__key__", "")}
 
 
-def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
+def random_resized_crop(img: Image.Image | np.ndarray, size: int, rng: np.random.Generator,
                         scale: tuple[float, float] = (0.5, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3), fast: bool = True) -> np.ndarray:
     """Inception-style crop: a random box of `scale` x area and `ratio` aspect, resized to size²
     (falls back to the center crop when no box fits in 10 tries)."""
-    w, h = img.size
+    h, w = (img.height, img.width) if isinstance(img, Image.Image) else img.shape[:2]
     area = w * h
     for _ in range(10):
         target = area * rng.uniform(*scale)
@@ -172,9 +292,8 @@ def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
         cw, ch = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
         if 0 < cw <= w and 0 < ch <= h:
             left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            return np.asarray(img.resize((size, size), Image.BICUBIC,
-                                         box=(left, top, left + cw, top + ch)), np.uint8)
-    return resize_center_crop(img, size)
+            return resize_box(img, (left, top, left + cw, top + ch), size, fast)
+    return resize_center_crop(img, size, fast)
 
 
 @dataclasses.dataclass
@@ -185,13 +304,14 @@ class DecodeImageRandomCrop(grain.transforms.RandomMap):
     max_image_pixels: int = 50_000_000
     formats: tuple[str, ...] = SUPPORTED_FORMATS
     scale: tuple[float, float] = (0.5, 1.0)
+    fast: bool = True
 
     def __post_init__(self):
-        self._decoder = DecodeImage(self.image_size, self.max_image_pixels, self.formats)
+        self._decoder = DecodeImage(self.image_size, self.max_image_pixels, self.formats, self.fast)
 
     def random_map(self, record: dict[str, Any] | None, rng: np.random.Generator):
         return self._decoder._decode(record, lambda img: random_resized_crop(  # pylint: disable=protected-access
-            img, self.image_size, rng, tuple(self.scale)))
+            img, self.image_size, rng, tuple(self.scale), fast=self.fast))
 
 
 @dataclasses.dataclass

@@ -26,9 +26,12 @@ the first preprocessor counts it under that reason and drops it, so a run never
 stops on bad data. Problems visible at start (a pattern matching nothing, an
 unprepared TFDS dataset, a missing column) raise at once with the path and the fix.
 
-Paths with a scheme (gs://, s3://, ...) are globbed and opened through
-`etils.epath` (gs:// needs gcsfs or tf.io.gfile, s3:// needs s3fs). ArrayRecord
-files are opened by the C++ reader: local (or FUSE-mounted) paths only.
+Paths with a scheme (gs://, s3://, hf://, memory://, file://, ...) are listed and read
+through fsspec, whose package for the scheme must be installed (gs://: gcsfs, s3://: s3fs,
+az://: adlfs); a missing one stops at start with the package to install. Tar members and
+text lines are fetched with one ranged read each (no read-ahead for random access);
+parquet and json files are opened as fsspec files. ArrayRecord files are opened by a C++
+reader that takes a path: local (or FUSE-mounted) paths only, and URLs are refused.
 
 `SeqioSource` makes any of them a `seqio.DataSource`, so tasks are registered,
 listed and mixed with seqio's registries, while grain does the reading.
@@ -37,7 +40,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import io
 import json
 import os
 import tarfile
@@ -56,18 +58,58 @@ ERROR_KEY = "__error__"
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4")
 
 
+# ----------------------------------------------------------------------------- files
+
 def is_remote(path: str) -> bool:
+    """True for URLs (gs://, s3://, memory://, file://, ...), which are read through fsspec."""
     return "://" in str(path)
 
 
-def _glob_remote(pattern: str) -> list[str]:
-    from etils import epath  # pylint: disable=g-import-not-at-top
-    parts = pattern.split("/")
-    first = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), None)
-    if first is None:
-        return [pattern] if epath.Path(pattern).exists() else []
-    base = epath.Path("/".join(parts[:first]))
-    return sorted(str(p) for p in base.glob("/".join(parts[first:])))
+def _has_magic(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+class MissingPackageError(ImportError, ValueError):
+    """A URL whose filesystem package is not installed. An ImportError, and a ValueError so that
+    the CLI reports it as the one-line config error it is."""
+
+
+def _backend_package(protocol: str) -> str:
+    """The package fsspec needs for `protocol` (e.g. 'gcsfs' for gs)."""
+    from fsspec.registry import known_implementations  # pylint: disable=g-import-not-at-top
+    impl = known_implementations.get(protocol, {}).get("class", "")
+    return impl.split(".")[0] or protocol
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path in it) for a URL. A missing backend is a MissingPackageError naming
+    the package to install. Not cached here: fsspec caches instances itself, per process (fork-safe)."""
+    protocol = url.split("://", 1)[0]
+    try:
+        import fsspec  # pylint: disable=g-import-not-at-top
+    except ImportError:
+        raise MissingPackageError(f"Reading {protocol}:// paths ({url}) needs fsspec: "
+                                  f"pip install fsspec") from None
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError:
+        package = _backend_package(protocol)
+        raise MissingPackageError(f"Reading {protocol}:// paths ({url}) needs the {package} package: "
+                                  f"pip install {package}") from None
+    except ValueError as e:
+        raise ValueError(f"{url}: unknown filesystem protocol {protocol!r} ({e}).") from None
+
+
+def _glob_url(pattern: str) -> list[str]:
+    fs, path = filesystem(pattern)
+    if not _has_magic(pattern):
+        return [pattern] if fs.exists(path) else []
+    return sorted(fs.unstrip_protocol(p) for p in fs.glob(path))
+
+
+def _url_error(url: str, e: Exception) -> OSError:
+    """Backend errors (HTTP, auth, ...) as OSError, so sources count them as unreadable."""
+    return e if isinstance(e, OSError) else OSError(f"{url}: {type(e).__name__}: {e}")
 
 
 def expand_paths(patterns: str | Sequence[str]) -> list[str]:
@@ -78,9 +120,9 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
     for pattern in patterns:
         pattern = str(pattern)
         if is_remote(pattern):
-            matches = _glob_remote(pattern)
+            matches = _glob_url(pattern)
         else:
-            matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+            matches = sorted(glob.glob(pattern)) if _has_magic(pattern) else [pattern]
             matches = [m for m in matches if os.path.exists(m)]
         if not matches:
             raise FileNotFoundError(f"No files match {pattern!r}. Check the path in your gin config "
@@ -92,11 +134,42 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
 
 
 def open_file(path: str):
-    """Opens a local path, or a gs:// / s3:// / ... path through etils.epath, for binary reading."""
+    """Opens a local path, or a URL through fsspec, for binary reading (sequential reads)."""
     if is_remote(path):
-        from etils import epath  # pylint: disable=g-import-not-at-top
-        return epath.Path(path).open("rb")
+        fs, p = filesystem(path)
+        try:
+            return fs.open(p, "rb")
+        except Exception as e:  # pylint: disable=broad-except
+            raise _url_error(path, e) from e
     return open(path, "rb")
+
+
+def read_file(path: str) -> bytes:
+    """A whole file's bytes (one request for a URL)."""
+    if is_remote(path):
+        fs, p = filesystem(path)
+        try:
+            return fs.cat_file(p)
+        except Exception as e:  # pylint: disable=broad-except
+            raise _url_error(path, e) from e
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_range(path: str, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` of a URL: one ranged request (fsspec files would read ahead)."""
+    fs, p = filesystem(path)
+    try:
+        return fs.cat_file(p, start=offset, end=offset + size)
+    except Exception as e:  # pylint: disable=broad-except
+        raise _url_error(path, e) from e
+
+
+def is_dir(path: str) -> bool:
+    if is_remote(path):
+        fs, p = filesystem(path)
+        return fs.isdir(p)
+    return os.path.isdir(path)
 
 
 def _reject_compressed(path: str, what: str) -> None:
@@ -122,7 +195,8 @@ def image_ext(data: bytes) -> str:
 
 
 class _FileHandles(threading.local):
-    """One open file per path per thread (grain reads with several threads)."""
+    """Random-access reads: one open file per local path per thread (grain reads with several
+    threads); URLs are read with one ranged request per read instead."""
 
     def __init__(self):
         self.files: dict[str, Any] = {}
@@ -132,6 +206,18 @@ class _FileHandles(threading.local):
         if f is None:
             f = self.files[path] = open_file(path)
         return f
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        """`size` bytes at `offset`; EOFError if the file is shorter (it shrank since indexing)."""
+        if is_remote(path):
+            data = read_range(path, offset, size)
+        else:
+            f = self.get(path)
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise EOFError(path)
+        return data
 
     def drop(self, path: str) -> None:
         f = self.files.pop(path, None)
@@ -229,13 +315,7 @@ class TarShardSource(_Picklable):
             return {**error_record(entry["key"], entry["error"]), "__shard__": path}
         record: dict[str, Any] = {"__key__": entry["key"], "__shard__": path}
         try:
-            f = self._handles.get(path)
-            for ext, (offset, size) in entry["members"].items():
-                f.seek(offset)
-                data = f.read(size)
-                if len(data) != size:  # the shard shrank since it was indexed
-                    raise EOFError(path)
-                record[ext] = data
+            record.update(self._read_members(path, entry["members"]))
         except FileNotFoundError:
             self._handles.drop(path)
             return {**error_record(entry["key"], "shard_missing"), "__shard__": path}
@@ -244,20 +324,36 @@ class TarShardSource(_Picklable):
             return {**error_record(entry["key"], "shard_unreadable"), "__shard__": path}
         return record
 
+    MAX_SPAN_GAP = 64 * 1024  # read a sample's members in one go unless they are further apart
+
+    def _read_members(self, path: str, members: Mapping[str, tuple[int, int]]) -> dict[str, bytes]:
+        """A sample's member bytes: one read of the span holding them all (one request for a URL;
+        only tar headers lie between a sample's members as webdataset writes them)."""
+        if not members:
+            return {}
+        start = min(o for o, _ in members.values())
+        end = max(o + n for o, n in members.values())
+        if end - start > sum(n for _, n in members.values()) + self.MAX_SPAN_GAP:
+            return {ext: self._handles.read(path, o, n) for ext, (o, n) in members.items()}
+        span = self._handles.read(path, start, end - start)
+        return {ext: span[o - start: o - start + n] for ext, (o, n) in members.items()}
+
     def __repr__(self) -> str:
         return f"TarShardSource({len(self.paths)} shards, {len(self)} samples)"
 
 
 # ----------------------------------------------------------------------------- text
 
-def _index_lines(path: str) -> list[int]:
-    offsets, pos = [], 0
+def _index_lines(path: str) -> tuple[list[int], list[int]]:
+    """(offset, length) of every non-empty line (the length includes its newline)."""
+    offsets, lengths, pos = [], [], 0
     with open_file(path) as f:
         for line in f:
             if line.strip():
                 offsets.append(pos)
+                lengths.append(len(line))
             pos += len(line)
-    return offsets
+    return offsets, lengths
 
 
 class TextLineSource(_Picklable):
@@ -265,14 +361,16 @@ class TextLineSource(_Picklable):
 
     def __init__(self, paths: str | Sequence[str]):
         self.paths = expand_paths(paths)
-        file_ids, offsets = [], []
+        file_ids, offsets, lengths = [], [], []
         for i, path in enumerate(self.paths):
             _reject_compressed(path, type(self).__name__)
-            offs = _index_lines(path)
+            offs, lens = _index_lines(path)
             file_ids.extend([i] * len(offs))
             offsets.extend(offs)
+            lengths.extend(lens)
         self._file = np.asarray(file_ids, np.int32)
         self._offset = np.asarray(offsets, np.int64)
+        self._length = np.asarray(lengths, np.uint32)  # a line over 4 GiB is not a document
         self._handles = _FileHandles()
 
     def __len__(self) -> int:
@@ -282,13 +380,11 @@ class TextLineSource(_Picklable):
         path = self.paths[self._file[index]]
         key = f"{self._file[index]}:{self._offset[index]}"
         try:
-            f = self._handles.get(path)
-            f.seek(int(self._offset[index]))
-            return key, f.readline()
+            return key, self._handles.read(path, int(self._offset[index]), int(self._length[index]))
         except FileNotFoundError:
             self._handles.drop(path)
             return key, error_record(key, "shard_missing")
-        except OSError:
+        except (OSError, EOFError):
             self._handles.drop(path)
             return key, error_record(key, "shard_unreadable")
 
@@ -474,9 +570,10 @@ class ArrayRecordSource(_Picklable):
     def __init__(self, paths: str | Sequence[str]):
         self.paths = expand_paths(paths)
         for p in self.paths:
-            if is_remote(p):
-                raise ValueError(f"{p}: ArrayRecord files are read by a C++ reader that needs a local "
-                                 f"path. Copy the files locally or mount the bucket (e.g. gcsfuse).")
+            if is_remote(p):  # checked before the reader sees it (it may block trying to open a URL)
+                raise ValueError(f"{p}: ArrayRecord files are read by a C++ reader that takes a local path, "
+                                 f"not a URL. Copy the files to local disk (e.g. `gcloud storage cp`) or "
+                                 f"mount the bucket (gcsfuse, mountpoint-s3) and give that path.")
         import grain  # pylint: disable=g-import-not-at-top
         try:
             self._source = grain.sources.ArrayRecordDataSource(self.paths)
@@ -629,7 +726,7 @@ class CocoCaptionsSource(_Picklable):
     def __init__(self, annotations_json: str, image_dir: str, split: str | Sequence[str] | None = None):
         (self.annotations_json,) = expand_paths(annotations_json)[:1]
         self.image_dir = image_dir
-        if not is_remote(image_dir) and not os.path.isdir(image_dir):
+        if not is_dir(image_dir):
             raise FileNotFoundError(f"COCO image directory not found: {image_dir!r}. Set image_dir "
                                     f"(gin: source_kwargs={{'image_dir': '...'}}) to the folder holding the images.")
         try:
@@ -675,8 +772,7 @@ class CocoCaptionsSource(_Picklable):
     def __getitem__(self, index: int) -> dict[str, Any]:
         rel, captions, image_id = self._items[int(index)]
         try:
-            with open_file(self._image_path(rel)) as f:
-                data = f.read()
+            data = read_file(self._image_path(rel))
         except FileNotFoundError:
             return error_record(rel, "image_file_missing")
         except OSError:
