@@ -46,7 +46,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--strategies", default="beam,greedy", help="comma-separated: beam, greedy")
     g.add_argument("--num_beams", type=int, default=3)
     g.add_argument("--decode_len", type=int, default=20, help="tokens generated after <start_of_text>")
-    g.add_argument("--decode_batch", type=int, default=8, help="images per call")
+    g.add_argument("--decode_batch", type=int, default=16, help="images per call")
     g.add_argument("--repeats", type=int, default=3, help="timed calls per decoder")
     g.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: all cores)")
 
