@@ -31,6 +31,7 @@ INSTALL_REQUIRES = [
     # SIMD antialiased resize (fast_image_resize). No Linux aarch64 wheel: PIL resizes there.
     "cykooz-resizer==4.0.1; platform_machine == 'x86_64' or platform_machine == 'AMD64' or sys_platform == 'darwin'",
     "pycocoevalcap==1.2",  # ships the PTB tokenizer and METEOR jars used by caption_metrics
+    "regex==2026.11.15",  # CLIP BPE pre-tokenizer (\p{L} classes), simvlm_jax.data.clip_tokenizer
 ]
 
 setuptools.setup(

@@ -20,6 +20,7 @@ import ast
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import re
 import shutil
@@ -142,7 +143,8 @@ def _tokenizer_note(tokenizer: dict[str, Any]) -> str:
     if tokenizer["type"] == "sentencepiece":
         return f"SentencePiece, `{TOKENIZER_FILE}` in this directory."
     if tokenizer["type"] == "open_clip":
-        return ("not included: open_clip's CLIP BPE (`open_clip.get_tokenizer('coca_ViT-B-32')`); "
+        return ("CLIP BPE, not included: `simvlm_jax.data.clip_tokenizer.ClipBpeVocabulary()` (reads the "
+                "merges file shipped with open_clip_torch; ids equal `open_clip.get_tokenizer('coca_ViT-B-32')`'s); "
                 "target tokens = its output without the leading <start_of_text>.")
     return "not included."
 
@@ -304,8 +306,8 @@ def load_export(export_dir: str) -> tuple[simvlm.SimVLM | coca.CoCa, dict[str, A
 
     The model is a `SimVLM` or a `CoCa`, by the bundle's model type. Low-precision
     (bf16/fp16) params are upcast when the config's param_dtype is float32. The
-    vocabulary is None when the bundle carries no SentencePiece model (open_clip CoCa:
-    tokenize with open_clip's CLIP BPE, see export_info.json's 'tokenizer').
+    vocabulary of open_clip CoCa bundles is CLIP BPE (`clip_tokenizer.ClipBpeVocabulary`,
+    None when its merges file is not available); None for bundles without a tokenizer.
     """
     info = read_export_info(export_dir)
     _check_export_dir(export_dir, info)
@@ -316,6 +318,12 @@ def load_export(export_dir: str) -> tuple[simvlm.SimVLM | coca.CoCa, dict[str, A
     vocab = None
     if info["tokenizer"]["type"] == "sentencepiece":
         vocab = seqio.SentencePieceVocabulary(os.path.join(export_dir, TOKENIZER_FILE))
+    elif info["tokenizer"]["type"] == "open_clip":
+        from simvlm_jax.data import clip_tokenizer  # pylint: disable=g-import-not-at-top
+        try:  # CLIP BPE from the merges file open_clip_torch ships (None without it)
+            vocab = clip_tokenizer.ClipBpeVocabulary()
+        except (FileNotFoundError, ImportError) as e:
+            logging.getLogger("simvlm_jax").warning("%s: no CLIP BPE tokenizer (%s)", export_dir, e)
     return MODEL_TYPES[model_type_of(config)][1](config), params, vocab
 
 
