@@ -215,9 +215,13 @@ class Trainer:
             return grads, weight, sums
         # Microbatch i takes rows i::k, so every device keeps an equal share of each one.
         def split(x):
+            if x.shape[0] % k:
+                raise ValueError(f"global batch {x.shape[0]} is not divisible by gradient_accumulation "
+                                 f"microbatches={k}")
+            # CoCa's contrastive loss runs under shard_map over the batch shards.
             shards = partitioning.num_batch_shards(self.mesh)
-            if x.shape[0] % (k * shards):
-                raise ValueError(f"global batch {x.shape[0]} must be divisible by gradient_accumulation."
+            if self.is_coca and x.shape[0] % (k * shards):
+                raise ValueError(f"CoCa: global batch {x.shape[0]} must be divisible by gradient_accumulation."
                                  f"microbatches={k} x the batch shards data*fsdp={shards}")
             x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
             return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
