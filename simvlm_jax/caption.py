@@ -1,4 +1,4 @@
-"""Caption image files with an exported SimVLM model (see `simvlm_jax.export`).
+"""Caption image files with an exported SimVLM or CoCa model (see `simvlm_jax.export`).
 
     python -m simvlm_jax.caption --export_dir DIR [--prompt "a picture of"] [--num_beams 3]
         [--max_len N] [--batch_size N] IMAGE...
@@ -48,7 +48,7 @@ def iter_captions(model, params: Any, vocab, images: np.ndarray, prompt: str = "
                   batch_size: int = 8, decoder=None, **decode_kwargs):
     """Yields the captions of uint8 images [N, S, S, 3] one batch (list of str) at a time.
     Batches are padded to one compiled shape, min(batch_size, N)."""
-    from simvlm_jax.decoding import make_decoder, prompt_ids, tokens_to_text  # pylint: disable=g-import-not-at-top
+    from simvlm_jax.decoding import make_decoder, model_eos_id, prompt_ids, tokens_to_text  # pylint: disable=g-import-not-at-top
     if not len(images):
         return
     decoder = decoder or make_decoder(model, **decode_kwargs)
@@ -61,7 +61,7 @@ def iter_captions(model, params: Any, vocab, images: np.ndarray, prompt: str = "
         if n < batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
         tokens = np.asarray(decoder(params, chunk, prefix, has_image))
-        yield [tokens_to_text(vocab, row) for row in tokens[:n]]
+        yield [tokens_to_text(vocab, row, model_eos_id(model)) for row in tokens[:n]]
 
 
 def caption_arrays(model, params: Any, vocab, images: np.ndarray, prompt: str = "a picture of", *,
@@ -122,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, params, vocab = export.load_export(args.export_dir)
     except Exception as e:  # pylint: disable=broad-except
         print(f"error: export dir {args.export_dir}: {_one_line(e)}", file=sys.stderr)
+        return 2
+    if vocab is None:
+        print(f"error: export dir {args.export_dir}: no tokenizer to turn ids into text (open_clip CoCa "
+              f"bundles need open_clip_torch installed for the CLIP BPE merges file)", file=sys.stderr)
         return 2
 
     size = model.config.image_size

@@ -77,7 +77,8 @@ def generate_captions(model: simvlm.SimVLM, params: Any, vocab, images: np.ndarr
                 "has_image": np.ones((batch_size,), np.int32)}, mesh)
             tokens = np.asarray(jax.device_get(fn(params, batch["image"], batch["prefix_tokens"],
                                                   batch["has_image"])))
-            captions.extend(decoding.tokens_to_text(vocab, row) for row in tokens[:n])
+            eos = decoding.model_eos_id(model)
+            captions.extend(decoding.tokens_to_text(vocab, row, eos) for row in tokens[:n])
     return captions
 
 

@@ -82,6 +82,9 @@ def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None
     if model_config.vocab_size < vocab.vocab_size:
         raise ValueError(f"{config_name}.vocab_size={model_config.vocab_size} is smaller than the "
                          f"tokenizer's {vocab.vocab_size} pieces; set {config_name}.vocab_size")
+    if isinstance(model_config, coca.CoCaConfig) and model_config.eos_id != vocab.eos_id:
+        raise ValueError(f"CoCaConfig.eos_id={model_config.eos_id} but the tokenizer's EOS is {vocab.eos_id}: "
+                         f"set CoCaConfig.eos_id={vocab.eos_id} (captions are trained to end with it)")
     mesh = partitioning.make_mesh()
     summary["mesh"] = dict(mesh.shape)
     state = trainer = None

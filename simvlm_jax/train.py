@@ -380,7 +380,10 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
         for step in range(start, num_steps):
             if profile_steps and step == profile_steps[0]:
                 jax.profiler.start_trace(os.path.join(work_dir, "profile"))
-            batch = partitioning.host_batch_to_global(trainer.model_inputs(next(data_iter)), mesh,
+            host_batch = next(data_iter)
+            if trainer.is_coca:
+                check_coca_batch(host_batch)
+            batch = partitioning.host_batch_to_global(trainer.model_inputs(host_batch), mesh,
                                                       trainer.batch_shardings)
             state, metrics = trainer.step(state, batch)
             steps_window += 1
@@ -435,6 +438,17 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
         writer.close()
     return {"step": int(jax.device_get(state.step)), "metrics": metrics_host,
             "checkpoint_dir": str(manager.directory), "state": state, "trainer": trainer}
+
+
+def check_coca_batch(batch: dict[str, Any]) -> None:
+    """CoCa reads image + whole caption: text-only rows or a PrefixLM split would silently
+    train on blank images or truncated captions, so they are an error."""
+    if "has_image" in batch and not np.all(np.asarray(batch["has_image"]) > 0):
+        raise ValueError("CoCa training got text-only examples (has_image=0): train CoCa on image-text "
+                         "tasks only (e.g. make_train_iterator.mixture_or_task_name = an image_text_task)")
+    if "prefix_tokens" in batch and np.any(np.asarray(batch["prefix_tokens"])):
+        raise ValueError("CoCa training got PrefixLM prefixes: set the image-text task's max_prefix_len=0 "
+                         "(or text_prefix_prob=0) so the whole caption is the target")
 
 
 def tokens_per_example_of(cfg: ModelConfig) -> int:

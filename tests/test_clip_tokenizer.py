@@ -12,6 +12,7 @@ TEXTS = [
     "a photo of a cat.", "A DOG running on the beach!!", "two   people,\tone umbrella\n",
     "it's what they've done; we'd say they'll win", "naïve café — déjà vu", "emoji 🐶🐱 and 日本語のテキスト",
     "numbers 12345 and 3.14", "&amp; html &lt;b&gt; entities", "", "x" * 60, "supercalifragilisticexpialidocious",
+    "a <start_of_text> b <end_of_text>!",
 ]
 
 

@@ -46,8 +46,6 @@ def test_coca_train_eval_export_then_finetune_on_the_frozen_encoder(tmp_path, ca
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params["visual"]),
                             jax.tree_util.tree_leaves(tuned["visual"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
-    pooler_a = np.asarray(params["pooler"]["proj"])
-    assert not np.allclose(pooler_a, np.asarray(tuned["pooler"]["proj"]))  # a new head (seed 7), trained
 
     # The caption CLI reads CoCa exports.
     image = tmp_path / "x.png"

@@ -219,3 +219,15 @@ def test_conv_stem_config_errors_name_the_field():
     with pytest.raises(ValueError, match="stem_stages"):
         tiny(stem_stages=1, **OPEN_CLIP)
     assert simvlm.stem_stride(3) == 16 and simvlm.stem_stride(0) == 1
+
+
+def test_coca_batches_with_text_only_rows_or_prefixes_are_refused():
+    cfg = tiny()
+    ok = coca_batch(cfg, batch_size=4)
+    train.check_coca_batch(ok)
+    text_only = dict(ok, has_image=np.asarray([1, 0, 1, 1], np.int32))
+    with pytest.raises(ValueError, match="image-text"):
+        train.check_coca_batch(text_only)
+    prefixed = dict(ok, prefix_tokens=np.asarray([[0, 0], [5, 0], [0, 0], [0, 0]], np.int32))
+    with pytest.raises(ValueError, match="max_prefix_len=0"):
+        train.check_coca_batch(prefixed)

@@ -25,7 +25,8 @@ END_OF_WORD = "</w>"
 NUM_MERGES = 49152 - 256 - 2  # CLIP uses the first 48,894 merges of the file
 # Words are letters runs, single digits, or runs of other non-space symbols; English
 # contractions split off (CLIP's pre-tokenizer).
-_WORD_PATTERN = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")  # open_clip's names for ids 49406, 49407
+_WORD_PATTERN = (r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
                  r"""[^\s\p{L}\p{N}]+""")
 
 
@@ -73,7 +74,7 @@ class ClipBpeVocabulary(seqio.Vocabulary):
         self._symbol_to_byte = {s: b for b, s in self._byte_to_symbol.items()}
         symbols = list(self._byte_to_symbol.values())
         tokens = symbols + [s + END_OF_WORD for s in symbols] + ["".join(m) for m in merges]
-        tokens += ["<|startoftext|>", "<|endoftext|>"]
+        tokens += list(SPECIAL_TOKENS)
         self._token_to_id = {t: i for i, t in enumerate(tokens)}
         self._id_to_token = tokens
         self._merge_rank = {m: i for i, m in enumerate(merges)}
@@ -100,6 +101,9 @@ class ClipBpeVocabulary(seqio.Vocabulary):
     def _encode(self, s: str) -> list[int]:
         ids = []
         for word in self._regex.findall(_clean(s)):
+            if word in SPECIAL_TOKENS:  # written out in the text: the special id, as open_clip does
+                ids.append(self._token_to_id[word])
+                continue
             symbols = "".join(self._byte_to_symbol[b] for b in word.encode("utf-8"))
             ids.extend(self._token_to_id[t] for t in self._bpe(symbols))
         return ids
