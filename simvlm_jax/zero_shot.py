@@ -182,8 +182,8 @@ def tokenize_captions(vocab, texts: Sequence[str], max_len: int, pad_to_max: boo
     number truncated). Captions longer than max_len - 1 tokens are cut (EOS kept).
     L = max_len with `pad_to_max`, else the longest row (shorter decoder passes)."""
     if vocab is None:
-        raise ValueError("this export has no SentencePiece tokenizer (open_clip CoCa uses CLIP BPE); "
-                         "zero-shot evaluation needs one")
+        raise ValueError("this export has no tokenizer: zero-shot evaluation needs one (open_clip CoCa "
+                         "bundles: install open_clip_torch, whose CLIP BPE merges file it reads)")
     eos = vocab.eos_id if eos_id is None else eos_id
     rows, truncated = [], 0
     for text in texts:
