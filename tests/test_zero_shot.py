@@ -152,7 +152,7 @@ def test_tokenize_captions(vocab):
     assert all(row[len(w) - 1] == vocab.eos_id for row, w in zip(tokens, want))
     padded, _ = zero_shot.tokenize_captions(vocab, TEXTS[:2], max_len=12, pad_to_max=True, eos_id=7)
     assert padded.shape == (2, 12) and padded[0, len(want[0]) - 1] == 7 and not padded[0, len(want[0]):].any()
-    with pytest.raises(ValueError, match="no SentencePiece"):
+    with pytest.raises(ValueError, match="has no tokenizer"):
         zero_shot.tokenize_captions(None, TEXTS, 12)
     with pytest.raises(ValueError, match="template"):
         zero_shot.format_prompts(["dog"], ["a photo"])
