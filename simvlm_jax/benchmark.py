@@ -46,11 +46,10 @@ def _shard_bytes(tree: Any) -> tuple[int, int]:
 
 def _model_config(model: str):
     """The gin-configured model config: `SimVLMConfig()` or `CoCaConfig()`."""
-    from simvlm_jax.models import coca, simvlm  # pylint: disable=g-import-not-at-top
-    configs = {"simvlm": simvlm.SimVLMConfig, "coca": coca.CoCaConfig}
-    if model not in configs:
-        raise ValueError(f"--model={model!r}; use simvlm or coca")
-    return configs[model]()
+    from simvlm_jax import train  # pylint: disable=g-import-not-at-top
+    if model not in train.MODEL_CONFIGS:
+        raise ValueError(f"--model={model!r}; choose one of {sorted(train.MODEL_CONFIGS)}")
+    return train.MODEL_CONFIGS[model]()
 
 
 def memory(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:

@@ -7,7 +7,8 @@ same strategy and lengths:
             `num_beam_groups=1`, HF's BeamSearchScorer) vs `decoding.beam_search`;
   * greedy: open_clip `generation_type='top_k'` with `top_k=1` (sampling from one
             token = greedy) vs `decoding.greedy_decode`.
-Random weights rarely emit EOS, so both run to the full length: the work is equal.
+Both generate up to the same length (open_clip with `fixed_output_length=True`); stopping
+at EOS is allowed on both sides.
 Times are medians over `--repeats` calls after one warm-up call (ours: compiled
 there). Reports captions/s for each and the ratio, and how many captions agree
 token for token. The last stdout line is one JSON object.

@@ -65,6 +65,7 @@ def generate_captions(model: simvlm.SimVLM, params: Any, vocab, images: np.ndarr
     batch_size = max(shards, batch_size // shards * shards)
     prompt_ids = decoding.prompt_ids(vocab, prompt, model)
     fn = decoding.make_decoder(model, max_len=max_len, **decode_kwargs)
+    eos = decoding.model_eos_id(model)
     captions: list[str] = []
     with partitioning.activate(mesh):
         for start in range(0, len(images), batch_size):
@@ -77,7 +78,6 @@ def generate_captions(model: simvlm.SimVLM, params: Any, vocab, images: np.ndarr
                 "has_image": np.ones((batch_size,), np.int32)}, mesh)
             tokens = np.asarray(jax.device_get(fn(params, batch["image"], batch["prefix_tokens"],
                                                   batch["has_image"])))
-            eos = decoding.model_eos_id(model)
             captions.extend(decoding.tokens_to_text(vocab, row, eos) for row in tokens[:n])
     return captions
 

@@ -10,11 +10,9 @@ import jax
 
 from simvlm_jax import checkpointing, evaluate, export, partitioning, train
 from simvlm_jax.data import synthetic, tokenizer
-from simvlm_jax.models import coca, simvlm
+from simvlm_jax.models import coca
 
 log = logging.getLogger("simvlm_jax")
-
-MODEL_CONFIGS = {"simvlm": simvlm.SimVLMConfig, "coca": coca.CoCaConfig}
 
 
 @gin.configurable
@@ -69,14 +67,14 @@ def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None
 
     `model`: 'simvlm' (configured by `SimVLMConfig.*`) or 'coca' (`CoCaConfig.*`).
     """
-    if model not in MODEL_CONFIGS:
-        raise ValueError(f"run.model={model!r}; choose one of {sorted(MODEL_CONFIGS)}")
+    if model not in train.MODEL_CONFIGS:
+        raise ValueError(f"run.model={model!r}; choose one of {sorted(train.MODEL_CONFIGS)}")
     summary: dict[str, Any] = {"work_dir": os.path.abspath(work_dir)}
     eval_dir = eval_dir or os.path.join(work_dir, "eval")
     export_dir = export_dir or os.path.join(work_dir, "export")
     if "prepare" in modes:
         summary.update(prepare_builtin())
-    model_config = MODEL_CONFIGS[model]()
+    model_config = train.MODEL_CONFIGS[model]()
     vocab = tokenizer.get_vocabulary()
     config_name = type(model_config).__name__
     if model_config.vocab_size < vocab.vocab_size:

@@ -235,11 +235,9 @@ def load_model_config(path: str) -> SimVLMConfig | CoCaConfig:
 def abstract_params(cfg: SimVLMConfig | CoCaConfig) -> dict:
     """Unboxed parameter ShapeDtypeStructs (jax.eval_shape: nothing is allocated)."""
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
-    from simvlm_jax.models import coca, simvlm  # pylint: disable=g-import-not-at-top
-    if isinstance(cfg, CoCaConfig):
-        return nn.meta.unbox(coca.abstract_params(cfg))
-    model = simvlm.SimVLM(cfg)
-    return nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), simvlm.dummy_batch(cfg)))["params"])
+    from simvlm_jax import train  # pylint: disable=g-import-not-at-top  (train imports flops)
+    model = train.build_model(cfg)
+    return nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), train.dummy_batch(cfg)))["params"])
 
 
 def _count(tree: Any) -> int:

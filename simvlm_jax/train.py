@@ -123,6 +123,8 @@ def token_stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.A
 
 
 ModelConfig = simvlm.SimVLMConfig | coca.CoCaConfig
+# `run.model` / `benchmark --model` names -> config classes (gin-configured when called).
+MODEL_CONFIGS = {"simvlm": simvlm.SimVLMConfig, "coca": coca.CoCaConfig}
 
 
 def build_model(config: ModelConfig) -> simvlm.SimVLM | coca.CoCa:
