@@ -38,8 +38,12 @@ setuptools.setup(
     name="simvlm_jax",
     version="0.1.0",
     description="SimVLM and CoCa vision-language pretraining in JAX/Flax.",
-    packages=setuptools.find_packages(include=["simvlm_jax", "simvlm_jax.*"]),
-    package_data={"simvlm_jax": ["../gin/**/*.gin"]},
+    # The gin configs stay in the top-level gin/ (README commands use gin/demo.gin) and ship
+    # inside the package as simvlm_jax/configs/ (a data-only directory, no __init__.py):
+    # simvlm_jax.gin_files.gin_dir() finds either. An editable install maps it back to gin/.
+    packages=[*setuptools.find_packages(include=["simvlm_jax", "simvlm_jax.*"]), "simvlm_jax.configs"],
+    package_dir={"simvlm_jax.configs": "gin"},
+    package_data={"simvlm_jax.configs": ["*.gin", "**/*.gin"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={

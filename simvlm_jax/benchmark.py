@@ -1,7 +1,7 @@
 """Benchmarks that print numbers: `python -m simvlm_jax.benchmark memory --gin_file=...`.
 
-step     Times the sharded train step (SimVLM, or CoCa with --model=coca) on synthetic data (random images and
-         tokens) for a config and mesh: median step time, examples/s, tokens/s
+step     Times the sharded train step of the gin-selected model family (`model_family.name`,
+         or --model) on synthetic data (random images and tokens) for a config and mesh: median step time, examples/s, tokens/s
          and MFU from the analytic FLOP count (simvlm_jax.flops) against the
          device's peak; also XLA's own FLOP count of the compiled step.
 data     Input pipeline images/s per core (read + decode + resize/crop +
@@ -23,13 +23,23 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any, Sequence
+
+# Importing JAX does not start its backends: `--devices` sets XLA_FLAGS before they do.
+import gin
+import jax
+import numpy as np
+
+from simvlm_jax import cli, decode_benchmark, flops, partitioning, train
+from simvlm_jax.cli import UserError, add_gin_args, split_gin_args
+from simvlm_jax.data import data_benchmark
+from simvlm_jax.models import registry
+from simvlm_jax.models.family import count_params
 
 
 def _shard_bytes(tree: Any) -> tuple[int, int]:
     """(bytes on the most loaded device, total bytes) of abstract arrays with shardings."""
-    import jax  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
     per_device: dict[Any, int] = {}
     total = 0
     for leaf in jax.tree_util.tree_leaves(tree):
@@ -44,27 +54,23 @@ def _shard_bytes(tree: Any) -> tuple[int, int]:
     return max(per_device.values(), default=0), total
 
 
-def _model_config(model: str):
-    """The gin-configured model config: `SimVLMConfig()` or `CoCaConfig()`."""
-    from simvlm_jax import train  # pylint: disable=g-import-not-at-top
-    if model not in train.MODEL_CONFIGS:
-        raise ValueError(f"--model={model!r}; choose one of {sorted(train.MODEL_CONFIGS)}")
-    return train.MODEL_CONFIGS[model]()
+def _family(model: str | None):
+    """The gin-selected model family (`model_family.name`), or `--model`'s."""
+    if model:
+        gin.bind_parameter("model_family.name", model)
+    return registry.model_family()
 
 
 def memory(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
-    from simvlm_jax import main as cli  # pylint: disable=g-import-not-at-top
-    cli.load_gin(args.gin_file, bindings, args.gin_search_path)
-    import gin  # pylint: disable=g-import-not-at-top
-    import jax  # pylint: disable=g-import-not-at-top
-    from simvlm_jax import partitioning, train  # pylint: disable=g-import-not-at-top
+    cli.load_gin(args.gin_file, bindings, args.gin_search_path, skip_unknown=True)
 
-    cfg = _model_config(args.model)
+    fam = _family(args.model)
     mesh = partitioning.make_mesh()
     batch_size = args.batch_size or gin.query_parameter("train.global_batch_size")
-    trainer = train.Trainer(cfg, mesh, total_steps=1000)
+    trainer = train.Trainer(fam, mesh, train.make_optimizer(1000), microbatches=_microbatches(),
+                            rules=partitioning.axis_rules())
     abstract_batch = {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype, sharding=trainer.batch_shardings[k])
-                      for k, v in train.dummy_batch(cfg).items()}
+                      for k, v in fam.dummy_batch().items()}
     with trainer.activate():
         compiled = trainer._step.lower(trainer.abstract_state, abstract_batch).compile()  # pylint: disable=protected-access
     stats = compiled.memory_analysis()
@@ -74,7 +80,7 @@ def memory(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
     gib = 1024 ** 3
     result = {
         "devices": n, "mesh": dict(mesh.shape), "global_batch_size": batch_size,
-        "num_params": train.count_params(trainer.abstract_state.params),
+        "num_params": count_params(trainer.abstract_state.params),
         "params_bytes_per_device": params_dev, "opt_state_bytes_per_device": opt_dev,
         "params_plus_opt_total_bytes": params_total + opt_total,
         "params_plus_opt_ratio_to_ideal": (params_dev + opt_dev) / ((params_total + opt_total) / n),
@@ -94,21 +100,24 @@ def memory(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
     return result
 
 
-def step(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
-    import time  # pylint: disable=g-import-not-at-top
-    from simvlm_jax import main as cli  # pylint: disable=g-import-not-at-top
-    cli.load_gin(args.gin_file, bindings, args.gin_search_path, model_only=True)
-    import gin  # pylint: disable=g-import-not-at-top
-    import jax  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from simvlm_jax import flops, partitioning, train  # pylint: disable=g-import-not-at-top
+def _microbatches() -> int:
+    try:
+        return gin.query_parameter("train.microbatches")
+    except ValueError:
+        return 1
 
-    cfg = _model_config(args.model)
+
+def step(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
+    cli.load_gin(args.gin_file, bindings, args.gin_search_path, skip_unknown=True)
+
+    fam = _family(args.model)
+    cfg = fam.config
     mesh = partitioning.make_mesh()
     batch_size = args.batch_size or gin.query_parameter("train.global_batch_size")
-    trainer = train.Trainer(cfg, mesh, total_steps=10_000)
+    trainer = train.Trainer(fam, mesh, train.make_optimizer(10_000), microbatches=_microbatches(),
+                            rules=partitioning.axis_rules())
     rng = np.random.default_rng(0)
-    host = {k: np.array(v) for k, v in train.dummy_batch(cfg, batch_size).items()}
+    host = {k: np.array(v) for k, v in fam.dummy_batch(batch_size).items()}
     host["image"] = rng.integers(0, 256, host["image"].shape, dtype=np.uint8)
     if "prefix_tokens" in host:  # SimVLM: half the prefix slots hold text
         half = host["prefix_tokens"].shape[1] // 2
@@ -134,13 +143,13 @@ def step(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
         times.append(time.perf_counter() - t)
     step_sec = float(np.median(times))
     ex_per_sec = batch_size / step_sec
-    per_example = flops.train_flops_per_example(cfg)
+    per_example = fam.train_flops_per_example()
     peak = flops.peak_flops_per_device()
     n = jax.device_count()
-    tokens = train.tokens_per_example_of(cfg)
+    tokens = fam.tokens_per_example()
     result = {
-        "model": type(cfg).__name__, "device_kind": jax.devices()[0].device_kind, "devices": n, "mesh": dict(mesh.shape),
-        "global_batch_size": batch_size, "num_params": train.count_params(state.params),
+        "model": fam.name, "device_kind": jax.devices()[0].device_kind, "devices": n, "mesh": dict(mesh.shape),
+        "global_batch_size": batch_size, "num_params": count_params(state.params),
         "dtype": cfg.dtype, "attention_impl": cfg.attention_impl, "remat_policy": cfg.remat_policy,
         "scan_layers": cfg.scan_layers, "compile_sec": round(compile_sec, 2),
         "step_time_ms_median": step_sec * 1e3, "step_time_ms_min": min(times) * 1e3,
@@ -162,23 +171,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simvlm_jax.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["memory", "step", "data", "decode"])
-    parser.add_argument("--model", default="simvlm", choices=["simvlm", "coca"],
-                        help="which model config the gin files configure (step, memory)")
+    parser.add_argument("--model", default=None, choices=registry.names(),
+                        help="model family (step, memory); default: the gin files' model_family.name")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (step)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compile (step)")
-    parser.add_argument("--gin_file", action="append", default=[])
-    parser.add_argument("--gin_search_path", action="append", default=[])
+    add_gin_args(parser)
     parser.add_argument("--devices", type=int, default=0,
                         help="compile for this many simulated CPU devices (set before JAX starts)")
     parser.add_argument("--batch_size", type=int, default=0, help="global batch (default: train.global_batch_size)")
     parser.add_argument("--hbm_gib", type=float, default=0.0, help="per-device memory budget to check against")
-    from simvlm_jax.data import data_benchmark  # pylint: disable=g-import-not-at-top
     data_benchmark.add_args(parser)
-    from simvlm_jax import decode_benchmark  # pylint: disable=g-import-not-at-top
     decode_benchmark.add_args(parser)
     args, rest = parser.parse_known_args(argv)
-    bindings = [r[len("--gin."):] for r in rest if r.startswith("--gin.")]
-    unknown = [r for r in rest if not r.startswith("--gin.")]
+    try:
+        bindings, unknown = split_gin_args(rest)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if unknown:
         print(f"error: unknown argument(s) {' '.join(unknown)}", file=sys.stderr)
         return 2
@@ -186,7 +195,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}")
-    from simvlm_jax.main import UserError  # pylint: disable=g-import-not-at-top
     try:
         if args.what == "data":
             result = data_benchmark.run(args)

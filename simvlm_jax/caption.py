@@ -19,25 +19,20 @@ import os
 import sys
 from typing import Any, Sequence
 
-import numpy as np
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # quiet TensorFlow (imported by seqio)
+
+import numpy as np  # noqa: E402
+
+from simvlm_jax import batching, decoding, export  # noqa: E402
+from simvlm_jax.data import preprocessors  # noqa: E402
+from simvlm_jax.models import registry  # noqa: E402
 
 MAX_IMAGE_PIXELS = 50_000_000  # decompression-bomb guard, as in training
-
-
-def __getattr__(name: str):
-    # decoding's text helpers, re-exported lazily: importing them pulls in JAX/TF, which the
-    # export-dir check should not wait for.
-    if name in ("encode_prompt", "tokens_to_text", "make_decoder"):
-        from simvlm_jax import decoding  # pylint: disable=g-import-not-at-top
-        return getattr(decoding, name)
-    raise AttributeError(name)
 
 
 def load_image(path: str, image_size: int) -> np.ndarray:
     """uint8 [image_size, image_size, 3], decoded and cropped exactly as in training
     (`preprocessors.open_image` + `resize_center_crop`)."""
-    from simvlm_jax.data import preprocessors  # pylint: disable=g-import-not-at-top
-
     with open(path, "rb") as f:
         data = f.read()
     img = preprocessors.open_image(data, MAX_IMAGE_PIXELS, min_size=image_size)
@@ -47,21 +42,17 @@ def load_image(path: str, image_size: int) -> np.ndarray:
 def iter_captions(model, params: Any, vocab, images: np.ndarray, prompt: str = "a picture of", *,
                   batch_size: int = 8, decoder=None, **decode_kwargs):
     """Yields the captions of uint8 images [N, S, S, 3] one batch (list of str) at a time.
-    Batches are padded to one compiled shape, min(batch_size, N)."""
-    from simvlm_jax.decoding import make_decoder, model_eos_id, prompt_ids, tokens_to_text  # pylint: disable=g-import-not-at-top
+    Batches are padded to one compiled shape, min(batch_size, N). `model`: a generating
+    family, its module or config."""
     if not len(images):
         return
-    decoder = decoder or make_decoder(model, **decode_kwargs)
+    fam = registry.family_of(model)
+    decoder = decoder or decoding.make_decoder(fam, **decode_kwargs)
     batch_size = max(1, min(batch_size, len(images)))
-    prefix = np.tile(prompt_ids(vocab, prompt, model), (batch_size, 1))
-    has_image = np.ones((batch_size,), np.int32)
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        n = len(chunk)
-        if n < batch_size:
-            chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-        tokens = np.asarray(decoder(params, chunk, prefix, has_image))
-        yield [tokens_to_text(vocab, row, model_eos_id(model)) for row in tokens[:n]]
+    prompt_ids = fam.prompt_ids(vocab, prompt)
+    for chunk, n in batching.padded_batches(images, batch_size):
+        tokens = np.asarray(decoder(params, fam.decode_inputs(chunk, prompt_ids)))
+        yield [decoding.tokens_to_text(vocab, row, fam.eos_id, fam.pad_id) for row in tokens[:n]]
 
 
 def caption_arrays(model, params: Any, vocab, images: np.ndarray, prompt: str = "a picture of", *,
@@ -116,8 +107,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.isdir(args.export_dir):
         print(f"error: export dir {args.export_dir}: not a directory", file=sys.stderr)
         return 2
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # quiet TensorFlow (imported by seqio)
-    from simvlm_jax import export  # pylint: disable=g-import-not-at-top  (heavy: jax, seqio)
     try:
         model, params, vocab = export.load_export(args.export_dir)
     except Exception as e:  # pylint: disable=broad-except

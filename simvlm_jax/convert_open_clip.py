@@ -22,11 +22,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Mapping
+import json
+import os
+from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
+import jax
 import numpy as np
+from flax import serialization
+from safetensors.numpy import load_file, save_file
 
+from simvlm_jax import export
 from simvlm_jax.models import coca
+from simvlm_jax.models.family import count_params
 
 # ----------------------------------------------------------------------------- config
 
@@ -245,8 +253,6 @@ def from_open_clip(state_dict: Mapping[str, Any], cfg: coca.CoCaConfig) -> dict:
 
 def to_open_clip(params: Mapping[str, Any], cfg: coca.CoCaConfig) -> dict[str, np.ndarray]:
     """Our params (open_clip-compatible CoCa) -> open_clip CoCa state_dict (numpy float32 arrays)."""
-    import flax.linen as nn  # pylint: disable=g-import-not-at-top
-    import jax  # pylint: disable=g-import-not-at-top
     p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), nn.meta.unbox(dict(params)))
     v, pool, t, d = p["visual"], p["pooler"], p["text"], p["decoder"]
     sd = {"visual.conv1.weight": v["conv1"]["kernel"].transpose(3, 2, 0, 1),
@@ -273,9 +279,7 @@ def to_open_clip(params: Mapping[str, Any], cfg: coca.CoCaConfig) -> dict[str, n
 
 
 def _check_shapes(params: dict, cfg: coca.CoCaConfig) -> None:
-    import flax.linen as nn  # pylint: disable=g-import-not-at-top
-    import jax  # pylint: disable=g-import-not-at-top
-    expected = nn.meta.unbox(coca.abstract_params(cfg))
+    expected = nn.meta.unbox(coca.CoCaFamily(cfg).abstract_params())
     exp = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
     got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     if exp != got:
@@ -288,24 +292,75 @@ def _check_shapes(params: dict, cfg: coca.CoCaConfig) -> None:
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """An open_clip checkpoint (.safetensors, or torch .bin/.pt loaded with weights_only=True)."""
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
         return dict(load_file(path))
-    import torch  # pylint: disable=g-import-not-at-top
+    torch = _import_torch("reading a .bin/.pt open_clip checkpoint")
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "state_dict" in sd:  # open_clip training checkpoints
         sd = sd["state_dict"]
     return {k.removeprefix("module."): _np(v) for k, v in sd.items()}
 
 
+def export_open_clip(params: Any, config: coca.CoCaConfig, out_dir: str,
+                     formats: Sequence[str] = ("safetensors",), dtype: str = "float32") -> str:
+    """Writes an open_clip-compatible CoCa as open_clip's own files; returns `out_dir`.
+
+    out_dir/open_clip_config.json       {'model_cfg', 'preprocess_cfg'}
+    out_dir/open_clip_model.safetensors  ('safetensors' in `formats`)
+    out_dir/open_clip_pytorch_model.bin  ('bin': torch.save of the state_dict; needs torch)
+    open_clip reads it with `open_clip.create_model('local-dir:' + out_dir)` (strict load);
+    the tokenizer it then uses is its CLIP BPE (SimpleTokenizer).
+    """
+    unknown = set(formats) - {"safetensors", "bin"}
+    if unknown or not formats:
+        raise ValueError(f"export_open_clip formats {list(formats)}; use 'safetensors' and/or 'bin'")
+    model_cfg = config_to_open_clip(config)
+    torch = _import_torch("export_open_clip(formats=('bin',))") if "bin" in formats else None
+    state_dict = {k: np.ascontiguousarray(v) for k, v in to_open_clip(params, config).items()}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "open_clip_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_to_open_clip(config)}, f, indent=1)
+    if "safetensors" in formats:
+        save_file(export.cast_floats(state_dict, dtype), os.path.join(out_dir, "open_clip_model.safetensors"))
+    if torch is not None:
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        torch.save({k: torch.from_numpy(v).to(torch_dtype) for k, v in state_dict.items()},
+                   os.path.join(out_dir, "open_clip_pytorch_model.bin"))
+    return out_dir
+
+
+class OpenClipWriter:
+    """`export.export(..., writers=[OpenClipWriter(config)])`: adds open_clip's files to a bundle
+    (in `open_clip/`). Fails at construction for a config open_clip cannot represent."""
+    name = "open_clip"
+
+    def __init__(self, config: coca.CoCaConfig):
+        config_to_open_clip(config)  # raises before anything is written
+        self.config = config
+
+    def __call__(self, host_params: Any, out_dir: str, dtype: str) -> str:
+        export_open_clip(host_params, self.config, out_dir, dtype=dtype)
+        return (f"open_clip weights: `open_clip.create_model('local-dir:THIS_DIR/{self.name}')` "
+                "(float32 unless exported with a dtype).")
+
+
+def _import_torch(what: str):
+    try:
+        import torch  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
+    except ImportError as e:
+        raise ImportError(f"{what} needs PyTorch (torch.save/torch.load); install torch or use "
+                          "safetensors, which open_clip also loads") from e
+    return torch
+
+
 def _export_to_open_clip(export_dir: str, output: str, formats: list[str]) -> None:
     """An export bundle (open_clip-compatible CoCa) -> open_clip's files in `output`."""
-    from simvlm_jax import export  # pylint: disable=g-import-not-at-top
     model, params, _ = export.load_export(export_dir)
-    if not isinstance(model, coca.CoCa):
-        raise SystemExit(f"error: {export_dir} holds a {type(model).__name__}, not an open_clip-compatible CoCa")
+    if not getattr(model.config, "open_clip_compatible", False):
+        raise SystemExit(f"error: {export_dir} holds a {type(model).__name__} that is not an "
+                         "open_clip-compatible CoCa (CoCaConfig.open_clip_compatible=True)")
     dtype = export.read_export_info(export_dir)["dtype"]
-    export.export_open_clip(params, model.config, output, formats=formats,
-                            dtype=dtype if dtype in export.EXPORT_DTYPES else "float32")
+    export_open_clip(params, model.config, output, formats=formats,
+                     dtype=dtype if dtype in export.EXPORT_DTYPES else "float32")
     print(f"wrote open_clip files to {output}; load with open_clip.create_model('local-dir:{output}')")
 
 
@@ -328,13 +383,12 @@ def main(argv=None) -> None:
         return
     if not (args.model and args.checkpoint):
         ap.error("open_clip -> ours needs --model and --checkpoint (or give --export_dir)")
-    import open_clip  # pylint: disable=g-import-not-at-top
-    from flax import serialization  # pylint: disable=g-import-not-at-top
+    import open_clip  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
     cfg = config_from_open_clip(open_clip.get_model_config(args.model), scan_layers=args.scan_layers)
     params = from_open_clip(load_state_dict(args.checkpoint), cfg)
     with open(args.output, "wb") as f:
         f.write(serialization.msgpack_serialize(params))
-    print(f"wrote {coca.count_params(params):,} params to {args.output}; config: "
+    print(f"wrote {count_params(params):,} params to {args.output}; config: "
           f"{dataclasses.asdict(cfg)}")
 
 

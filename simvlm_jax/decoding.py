@@ -1,52 +1,47 @@
 """Caption decoding with a KV cache: greedy, beam search and sampling (+ a cache-free reference).
 
-SimVLM: the image and the text prompt (e.g. "a picture of") form the encoder
-prefix; the decoder then generates from BOS. CoCa: the image goes through the
-encoder and the attentional pooler; its unimodal + multimodal text layers then
-generate from `CoCaConfig.bos_id` (CoCa has no encoder prompt: `prefix_tokens` and
-`has_image` are ignored). With the cache each step costs one token:
-self-attention keys/values are appended to the cache and the cross-attention
-keys/values of the encoder output (CoCa: pooled image tokens) are projected once,
-when the cache is built.
+Model-agnostic: every model family that can generate (`ModelFamily.can_generate`)
+provides `encode(params, inputs)` (image, prompt, ...: once per example),
+`decode_start` (BOS at position 0, creating the KV cache) and `decode_step` (one
+token per call). SimVLM's inputs are the image and a text prompt (the encoder
+prefix, e.g. "a picture of"); CoCa's only the image. `model` may be a family, its
+flax module or its config (`registry.family_of`).
 
 Every decoder is jit-compatible (`lax.while_loop`, stopping early) and returns
-tokens [B, max_len] with 0 after the first EOS (the EOS itself is kept).
-`max_len` and `num_beams` fix array shapes: bind them with `functools.partial` or
-`static_argnames` when jitting. The other options (`eos_id`, `min_len`,
-`length_penalty`, `repetition_penalty`, `temperature`, `top_k`, `top_p`) may be
-Python numbers or traced scalars (one compilation for every setting); a Python
-value that disables a feature skips its computation.
+tokens [B, max_len] with the model's pad id after the first EOS (the EOS itself is
+kept). `max_len` and `num_beams` fix array shapes: bind them with
+`functools.partial` or `static_argnames` when jitting. The other options (`eos_id`,
+`min_len`, `length_penalty`, `repetition_penalty`, `temperature`, `top_k`, `top_p`)
+may be Python numbers or traced scalars (one compilation for every setting); a
+Python value that disables a feature skips its computation.
 
 Logits processing, shared by all decoders (`process_logits`):
   * `repetition_penalty` (CTRL, Keskar et al. 2019): the logit of every token
     already generated in this sequence (the prompt is not counted) is divided
     by the penalty if positive and multiplied by it if negative;
-  * pad/BOS (id 0) is never generated;
+  * the model's pad id is never generated (for CLIP BPE, id 0 is a real token);
   * `min_len`: EOS is blocked at steps < min_len, i.e. a caption has at least
     `min_len` tokens before its EOS.
 """
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from simvlm_jax.data.tokenizer import EOS_ID, PAD_ID
-from simvlm_jax.models import coca, simvlm
+from simvlm_jax.models import registry
+from simvlm_jax.models.family import ModelFamily
 
 NEG_INF = -jnp.inf
-Model = simvlm.SimVLM | coca.CoCa
+Model = Any  # a ModelFamily, or a family's flax module or config
 
 
 # ----------------------------------------------------------------------------- logits processing
 
-def _resolve_max_len(cfg: simvlm.SimVLMConfig | coca.CoCaConfig, max_len: int | None) -> int:
-    limit = cfg.max_text_len if isinstance(cfg, coca.CoCaConfig) else cfg.max_target_len
-    return min(max_len or limit, limit)
+def _resolve_max_len(fam: ModelFamily, max_len: int | None) -> int:
+    return min(max_len or fam.max_decode_len, fam.max_decode_len)
 
 
 def apply_repetition_penalty(logits: jax.Array, generated: jax.Array, penalty: float | jax.Array) -> jax.Array:
@@ -68,96 +63,76 @@ def apply_repetition_penalty(logits: jax.Array, generated: jax.Array, penalty: f
 
 
 def mask_logits(logits: jax.Array, step: jax.Array | int, min_len: int | jax.Array = 0,
-                eos_id: int | jax.Array = EOS_ID) -> jax.Array:
-    """Never generate pad/BOS (id 0); block EOS at steps < `min_len` (eos_id < 0: no EOS)."""
+                eos_id: int | jax.Array = 1, pad_id: int = 0) -> jax.Array:
+    """Never generate `pad_id`; block EOS at steps < `min_len` (eos_id < 0: no EOS)."""
     ids = jnp.arange(logits.shape[-1])
-    blocked = jnp.logical_or(ids == PAD_ID, jnp.logical_and(ids == eos_id, step < min_len))
+    blocked = jnp.logical_or(ids == pad_id, jnp.logical_and(ids == eos_id, step < min_len))
     return jnp.where(blocked, NEG_INF, logits)
 
 
 def process_logits(logits: jax.Array, generated: jax.Array, step: jax.Array | int, *,
                    repetition_penalty: float = 1.0, min_len: int = 0,
-                   eos_id: int = EOS_ID) -> jax.Array:
+                   eos_id: int = 1, pad_id: int = 0) -> jax.Array:
     """The logits processor shared by greedy, beam search and sampling.
 
     logits [..., V] for decoding step `step` (0-based position of the token being chosen);
-    generated [..., L]: the tokens emitted so far in each sequence (0 = none yet).
+    generated [..., L]: the tokens emitted so far in each sequence (`pad_id` = none yet).
     """
     logits = apply_repetition_penalty(logits, generated, repetition_penalty)
-    return mask_logits(logits, step, min_len, eos_id)
+    return mask_logits(logits, step, min_len, eos_id, pad_id)
 
 
-def _next_token(logits: jax.Array) -> jax.Array:
-    """Greedy choice; pad/BOS (id 0) is never generated."""
-    return jnp.argmax(logits.at[..., PAD_ID].set(NEG_INF), axis=-1).astype(jnp.int32)
-
-
-def _finalize(tokens: jax.Array, eos_id: int) -> jax.Array:
-    """Zeroes everything after the first EOS (the EOS itself is kept)."""
+def _finalize(tokens: jax.Array, eos_id: int, pad_id: int) -> jax.Array:
+    """Sets everything after the first EOS to `pad_id` (the EOS itself is kept)."""
     is_eos = tokens == eos_id
     after_eos = jnp.cumsum(is_eos, axis=1) - is_eos > 0
-    return jnp.where(after_eos, PAD_ID, tokens)
+    return jnp.where(after_eos, pad_id, tokens)
 
 
-def _start(model: Model, params, images, prefix_tokens, has_image, repeat: int = 1):
-    """Encodes the prefix (once per example), repeats it `repeat` times per example (rows
-    b * repeat + j) and runs the first decoder step, which creates the KV cache.
-    Returns (logits [B * repeat, V], cache, encoder_valid [B * repeat, S])."""
-    variables = {"params": params}
-    if isinstance(model, coca.CoCa):
-        _, image_tokens = model.apply(variables, images, method=model.image_features)
-        if repeat > 1:
-            image_tokens = jnp.repeat(image_tokens, repeat, axis=0)
-        bos = jnp.full((image_tokens.shape[0], 1), model.config.bos_id, jnp.int32)
-        logits, mutated = model.apply(variables, bos, image_tokens, jnp.int32(0), method=model.decode_step,
-                                      mutable=["cache"])
-        # CoCa attends to all pooled image tokens: `valid` is a placeholder for the shared loop.
-        return logits[:, -1], mutated["cache"], jnp.ones((image_tokens.shape[0], 1), bool)
-    encoded, valid = model.apply(variables, images, prefix_tokens, has_image, method=model.encode)
+def _batch_size(inputs: dict[str, Any]) -> int:
+    return next(iter(jax.tree_util.tree_leaves(inputs))).shape[0]
+
+
+def _start(fam: ModelFamily, params, inputs, repeat: int = 1):
+    """Encodes the inputs (once per example), repeats the context `repeat` times per example
+    (rows b * repeat + j) and runs the first decoder step, which creates the KV cache.
+    Returns (logits [B * repeat, V], cache, context)."""
+    context = fam.encode(params, inputs)
     if repeat > 1:
-        encoded = jnp.repeat(encoded, repeat, axis=0)
-        valid = jnp.repeat(valid, repeat, axis=0)
-    bos = jnp.full((encoded.shape[0], 1), PAD_ID, jnp.int32)
-    logits, mutated = model.apply(variables, bos, encoded, valid, decode=True, positions=jnp.int32(0),
-                                  method=model.decode, mutable=["cache"])
-    return logits[:, -1], mutated["cache"], valid
-
-
-def _step(model: Model, params, cache, tokens: jax.Array, valid: jax.Array, t: jax.Array):
-    """One cached decoder step: tokens [N] at position t -> (logits [N, V], new cache)."""
-    if isinstance(model, coca.CoCa):
-        logits, mutated = model.apply({"params": params, "cache": cache}, tokens[:, None], None, t,
-                                      method=model.decode_step, mutable=["cache"])
-        return logits[:, -1], mutated["cache"]
-    logits, mutated = model.apply({"params": params, "cache": cache}, tokens[:, None], None, valid,
-                                  decode=True, positions=t, method=model.decode, mutable=["cache"])
-    return logits[:, -1], mutated["cache"]
+        context = jax.tree_util.tree_map(lambda x: jnp.repeat(x, repeat, axis=0), context)
+    logits, cache = fam.decode_start(params, context)
+    return logits, cache, context
 
 
 # ----------------------------------------------------------------------------- greedy
 
-def greedy_decode(model: Model, params, images: jax.Array, prefix_tokens: jax.Array,
-                  has_image: jax.Array, max_len: int | None = None, eos_id: int = EOS_ID, *,
-                  min_len: int = 0, repetition_penalty: float = 1.0) -> jax.Array:
-    """Greedy decoding with the KV cache. Returns tokens [B, max_len] (0 after EOS).
+def greedy_decode(model: Model, params, inputs: dict[str, Any], max_len: int | None = None,
+                  eos_id: int | None = None, *, min_len: int = 0,
+                  repetition_penalty: float = 1.0) -> jax.Array:
+    """Greedy decoding with the KV cache. Returns tokens [B, max_len] (pad after EOS).
 
-    Stops early once every sequence has emitted EOS. Jit-compatible.
+    `inputs`: the model's decode features (e.g. `family.decode_inputs(images, prompt_ids)`);
+    `eos_id` defaults to the model's. Stops early once every sequence has emitted EOS.
+    Jit-compatible.
     """
+    fam = registry.family_of(model)
+    eos_id = fam.eos_id if eos_id is None else eos_id
+
     def choose(logits, out, t):
         logits = process_logits(logits, out, t, repetition_penalty=repetition_penalty, min_len=min_len,
-                                eos_id=eos_id)
+                                eos_id=eos_id, pad_id=fam.pad_id)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    return _decode_loop(model, params, images, prefix_tokens, has_image, max_len, eos_id, choose)
+    return _decode_loop(fam, params, inputs, max_len, eos_id, choose)
 
 
-def _decode_loop(model: Model, params, images, prefix_tokens, has_image, max_len: int | None,
-                 eos_id: int, choose) -> jax.Array:
+def _decode_loop(fam: ModelFamily, params, inputs, max_len: int | None, eos_id: int, choose) -> jax.Array:
     """One token per step with the KV cache; `choose(logits, generated, t) -> tokens [B]`.
-    Stops once every row has emitted EOS; everything after a row's EOS is 0."""
-    max_len = _resolve_max_len(model.config, max_len)
-    logits, cache, valid = _start(model, params, images, prefix_tokens, has_image)
-    out = jnp.zeros((images.shape[0], max_len), jnp.int32)
+    Stops once every row has emitted EOS; everything after a row's EOS is pad."""
+    max_len = _resolve_max_len(fam, max_len)
+    pad_id = fam.pad_id
+    logits, cache, context = _start(fam, params, inputs)
+    out = jnp.full((_batch_size(inputs), max_len), pad_id, jnp.int32)
     token = choose(logits, out, jnp.int32(0))
     out = out.at[:, 0].set(token)
 
@@ -167,41 +142,32 @@ def _decode_loop(model: Model, params, images, prefix_tokens, has_image, max_len
 
     def body(carry):
         t, token, cache, out, done = carry
-        logits, cache = _step(model, params, cache, token, valid, t)
-        nxt = jnp.where(done, PAD_ID, choose(logits, out, t))
+        logits, cache = fam.decode_step(params, cache, token, context, t)
+        nxt = jnp.where(done, pad_id, choose(logits, out, t))
         out = out.at[:, t].set(nxt)
         return t + 1, nxt, cache, out, jnp.logical_or(done, nxt == eos_id)
 
     carry = (jnp.int32(1), token, cache, out, token == eos_id)
     _, _, _, out, _ = jax.lax.while_loop(cond, body, carry)
-    return _finalize(out, eos_id)
+    return _finalize(out, eos_id, pad_id)
 
 
-def greedy_decode_no_cache(model: Model, params, images: jax.Array, prefix_tokens: jax.Array,
-                           has_image: jax.Array, max_len: int | None = None,
-                           eos_id: int = EOS_ID) -> jax.Array:
-    """Reference decoder: recomputes the whole decoder every step (for tests/benchmarks)."""
-    cfg = model.config
-    max_len = _resolve_max_len(cfg, max_len)
-    variables = {"params": params}
-    b = images.shape[0]
-    out = jnp.zeros((b, max_len), jnp.int32)
-    if isinstance(model, coca.CoCa):
-        _, image_tokens = model.apply(variables, images, method=model.image_features)
-        def logits_fn(out):  # teacher forcing on [BOS] + generated (+ one unread token)
-            return model.apply(variables, coca.with_bos(out, cfg.bos_id), image_tokens,
-                               method=model.caption_logits)
-    else:
-        encoded, valid = model.apply(variables, images, prefix_tokens, has_image, method=model.encode)
-        def logits_fn(out):
-            return model.apply(variables, simvlm.shift_right(out), encoded, valid, method=model.decode)
+def greedy_decode_no_cache(model: Model, params, inputs: dict[str, Any], max_len: int | None = None,
+                           eos_id: int | None = None) -> jax.Array:
+    """Reference decoder: reruns the whole decoder (teacher forcing) every step (tests/benchmarks)."""
+    fam = registry.family_of(model)
+    eos_id = fam.eos_id if eos_id is None else eos_id
+    max_len = _resolve_max_len(fam, max_len)
+    context = fam.encode(params, inputs)
+    out = jnp.full((_batch_size(inputs), max_len), fam.pad_id, jnp.int32)
 
     def body(t, out):
-        nxt = _next_token(logits_fn(out)[:, t])
+        logits = fam.caption_logits(params, context, out)[:, t]
+        nxt = jnp.argmax(logits.at[..., fam.pad_id].set(NEG_INF), axis=-1).astype(jnp.int32)
         return out.at[:, t].set(nxt)
 
     out = jax.lax.fori_loop(0, max_len, body, out)
-    return _finalize(out, eos_id)
+    return _finalize(out, eos_id, fam.pad_id)
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -234,12 +200,12 @@ class _BeamState(NamedTuple):
     cache: Any               # KV cache, rows b * K + k in `alive` order
 
 
-def beam_search(model: Model, params, images: jax.Array, prefix_tokens: jax.Array,
-                has_image: jax.Array, *, num_beams: int = 3, max_len: int | None = None,
-                min_len: int = 0, length_penalty: float = 1.0, repetition_penalty: float = 1.0,
-                eos_id: int = EOS_ID, early_stop: bool = True) -> tuple[jax.Array, jax.Array]:
+def beam_search(model: Model, params, inputs: dict[str, Any], *, num_beams: int = 3,
+                max_len: int | None = None, min_len: int = 0, length_penalty: float = 1.0,
+                repetition_penalty: float = 1.0, eos_id: int | None = None,
+                early_stop: bool = True) -> tuple[jax.Array, jax.Array]:
     """Beam search with the KV cache. Returns (tokens [B, max_len] of the best hypothesis,
-    0 after EOS; scores [B]).
+    pad after EOS; scores [B]). `eos_id` defaults to the model's.
 
     A hypothesis of n tokens (its EOS included; n = max_len for one that never emitted EOS)
     scores `sum(log p) / n ** length_penalty` (log p: the model's log-softmax; with a
@@ -252,15 +218,17 @@ def beam_search(model: Model, params, images: jax.Array, prefix_tokens: jax.Arra
     The bound is exact, so `early_stop=False` (run to max_len) returns the same result.
     Hypotheses still alive at max_len compete with the finished ones. Jit-compatible.
     """
-    cfg = model.config
-    max_len = _resolve_max_len(cfg, max_len)
+    fam = registry.family_of(model)
+    eos_id = fam.eos_id if eos_id is None else eos_id
+    pad_id = fam.pad_id
+    max_len = _resolve_max_len(fam, max_len)
     k = int(num_beams)
     if k < 1:
         raise ValueError(f"num_beams={num_beams} must be >= 1")
-    b = images.shape[0]
+    b = _batch_size(inputs)
     bk = b * k
     alpha = jnp.asarray(length_penalty, jnp.float32)
-    batch_axis = 1 if cfg.scan_layers else 0
+    batch_axis = fam.cache_batch_axis
 
     def lp(length):
         return jnp.asarray(length, jnp.float32) ** alpha
@@ -270,7 +238,7 @@ def beam_search(model: Model, params, images: jax.Array, prefix_tokens: jax.Arra
         v = logits.shape[-1]
         logits = apply_repetition_penalty(logits, state.alive_seq.reshape(bk, max_len), repetition_penalty)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        logp = mask_logits(logp, t, min_len, eos_id).reshape(b, k, v)
+        logp = mask_logits(logp, t, min_len, eos_id, pad_id).reshape(b, k, v)
         cand = (state.alive_logp[:, :, None] + logp).reshape(b, k * v)
         top_logp, top_idx = jax.lax.top_k(cand, 2 * k)              # [B, 2K], best first
         parent, token = top_idx // v, (top_idx % v).astype(jnp.int32)
@@ -290,8 +258,8 @@ def beam_search(model: Model, params, images: jax.Array, prefix_tokens: jax.Arra
         cache = gather_beams(cache, flat, batch_axis, bk)
         return _BeamState(t + 1, alive_seq, alive_logp, fin_seq, fin_score, cache)
 
-    logits, cache, valid = _start(model, params, images, prefix_tokens, has_image, repeat=k)
-    zeros = jnp.zeros((b, k, max_len), jnp.int32)
+    logits, cache, context = _start(fam, params, inputs, repeat=k)
+    zeros = jnp.full((b, k, max_len), pad_id, jnp.int32)
     # Only beam 0 is live at the start (the K rows are identical): no duplicate hypotheses.
     init_logp = jnp.where(jnp.arange(k) == 0, 0.0, NEG_INF)[None].repeat(b, axis=0)
     state = _BeamState(jnp.int32(0), zeros, init_logp, zeros, jnp.full((b, k), NEG_INF, jnp.float32), None)
@@ -305,7 +273,7 @@ def beam_search(model: Model, params, images: jax.Array, prefix_tokens: jax.Arra
 
     def body(state: _BeamState):
         last = jax.lax.dynamic_index_in_dim(state.alive_seq, state.t - 1, axis=2, keepdims=False)
-        logits, cache = _step(model, params, state.cache, last.reshape(bk), valid, state.t)
+        logits, cache = fam.decode_step(params, state.cache, last.reshape(bk), context, state.t)
         return select(state, logits, cache)
 
     state = jax.lax.while_loop(cond, body, state)
@@ -315,7 +283,7 @@ def beam_search(model: Model, params, images: jax.Array, prefix_tokens: jax.Arra
     seqs = jnp.concatenate([state.fin_seq, state.alive_seq], axis=1)
     best = jnp.argmax(scores, axis=1)
     tokens = jnp.take_along_axis(seqs, best[:, None, None], axis=1)[:, 0]
-    return _finalize(tokens, eos_id), jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0]
+    return _finalize(tokens, eos_id, pad_id), jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0]
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -344,21 +312,23 @@ def filter_top_p(logits: jax.Array, top_p: float | jax.Array) -> jax.Array:
     return jnp.where(jnp.logical_and(top_p < 1.0, logits < cutoff), NEG_INF, logits)
 
 
-def sample_decode(model: Model, params, images: jax.Array, prefix_tokens: jax.Array,
-                  has_image: jax.Array, rng: jax.Array, *, max_len: int | None = None,
-                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  repetition_penalty: float = 1.0, min_len: int = 0,
-                  eos_id: int = EOS_ID) -> jax.Array:
-    """Ancestral sampling with the KV cache. Returns tokens [B, max_len] (0 after EOS).
+def sample_decode(model: Model, params, inputs: dict[str, Any], rng: jax.Array, *,
+                  max_len: int | None = None, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, repetition_penalty: float = 1.0, min_len: int = 0,
+                  eos_id: int | None = None) -> jax.Array:
+    """Ancestral sampling with the KV cache. Returns tokens [B, max_len] (pad after EOS).
 
     Per step: `process_logits` (repetition penalty, no pad, `min_len`), then / temperature,
     top-k, top-p (nucleus), then a categorical draw with `fold_in(rng, step)`.
     `temperature <= 0` (or `top_k=1`) is greedy. Deterministic for a fixed `rng`;
     jit-compatible (`max_len` static; the other options may be traced).
     """
+    fam = registry.family_of(model)
+    eos_id = fam.eos_id if eos_id is None else eos_id
+
     def choose(logits, out, t):
         logits = process_logits(logits.astype(jnp.float32), out, t, repetition_penalty=repetition_penalty,
-                                min_len=min_len, eos_id=eos_id)
+                                min_len=min_len, eos_id=eos_id, pad_id=fam.pad_id)
         greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         if isinstance(temperature, (int, float)) and temperature <= 0:
             return greedy
@@ -367,39 +337,16 @@ def sample_decode(model: Model, params, images: jax.Array, prefix_tokens: jax.Ar
         sampled = jax.random.categorical(jax.random.fold_in(rng, t), logits, axis=-1).astype(jnp.int32)
         return jnp.where(temp > 0, sampled, greedy)
 
-    return _decode_loop(model, params, images, prefix_tokens, has_image, max_len, eos_id, choose)
+    return _decode_loop(fam, params, inputs, max_len, eos_id, choose)
 
 
 # ----------------------------------------------------------------------------- text in / out
 
-def model_eos_id(model: Model) -> int:
-    """The id that ends a caption: `CoCaConfig.eos_id`, or the tokenizer's EOS for SimVLM."""
-    return model.config.eos_id if isinstance(model, coca.CoCa) else EOS_ID
-
-
-def prompt_ids(vocab, prompt: str, model: Model) -> np.ndarray:
-    """The encoder prompt's ids for `model` (SimVLM: padded to max_prefix_len). CoCa has no
-    encoder prompt: an empty array, with a warning if a prompt was given."""
-    if isinstance(model, coca.CoCa):
-        if prompt:
-            logging.getLogger("simvlm_jax").warning("CoCa captions without an encoder prompt; ignoring %r", prompt)
-        return np.zeros((0,), np.int32)
-    return encode_prompt(vocab, prompt, model.config.max_prefix_len)
-
-
-def encode_prompt(vocab, prompt: str, max_prefix_len: int) -> np.ndarray:
-    """The prompt's token ids, zero-padded to `max_prefix_len` (the encoder's text prefix)."""
-    ids = list(vocab.encode(prompt))[:max_prefix_len] if prompt else []
-    out = np.zeros((max_prefix_len,), np.int32)
-    out[:len(ids)] = ids
-    return out
-
-
-def tokens_to_text(vocab, row, eos_id: int | None = None) -> str:
-    """Decoded tokens of one row up to its EOS (default: the vocabulary's), as one line
-    with single spaces."""
+def tokens_to_text(vocab, row, eos_id: int | None = None, pad_id: int = 0) -> str:
+    """Decoded tokens of one row up to its EOS (default: the vocabulary's), pads dropped, as
+    one line with single spaces."""
     eos_id = vocab.eos_id if eos_id is None else eos_id
-    ids = [int(t) for t in row if t > 0]
+    ids = [int(t) for t in row if t != pad_id]
     if eos_id in ids:
         ids = ids[:ids.index(eos_id)]
     return " ".join(vocab.decode(ids).split())
@@ -408,14 +355,13 @@ def tokens_to_text(vocab, row, eos_id: int | None = None) -> str:
 @functools.lru_cache(maxsize=8)
 def make_decoder(model: Model, *, num_beams: int = 1, max_len: int | None = None, min_len: int = 0,
                  length_penalty: float = 1.0, repetition_penalty: float = 1.0, eos_id: int | None = None):
-    """A jitted fn(params, images, prefix_tokens, has_image) -> tokens [B, max_len]: greedy for
-    num_beams=1, else beam search (cached per model config and settings). `eos_id` defaults
-    to the model's (`model_eos_id`)."""
-    eos_id = model_eos_id(model) if eos_id is None else eos_id
+    """A jitted fn(params, inputs) -> tokens [B, max_len]: greedy for num_beams=1, else beam
+    search (cached per model and settings). `eos_id` defaults to the model's."""
+    fam = registry.family_of(model)
     if num_beams <= 1:
-        return jax.jit(functools.partial(greedy_decode, model, max_len=max_len, min_len=min_len,
+        return jax.jit(functools.partial(greedy_decode, fam, max_len=max_len, min_len=min_len,
                                          repetition_penalty=repetition_penalty, eos_id=eos_id))
-    beam = functools.partial(beam_search, model, num_beams=num_beams, max_len=max_len, min_len=min_len,
+    beam = functools.partial(beam_search, fam, num_beams=num_beams, max_len=max_len, min_len=min_len,
                              length_penalty=length_penalty, repetition_penalty=repetition_penalty,
                              eos_id=eos_id)
-    return jax.jit(lambda *args: beam(*args)[0])
+    return jax.jit(lambda params, inputs: beam(params, inputs)[0])

@@ -21,10 +21,10 @@ import jax
 import numpy as np
 from PIL import Image
 
-from simvlm_jax import caption_metrics, decoding, partitioning
+from simvlm_jax import batching, caption_metrics, decoding, partitioning
 from simvlm_jax.data import preprocessors as pp
 from simvlm_jax.data import sources
-from simvlm_jax.models import simvlm
+from simvlm_jax.models import registry
 
 log = logging.getLogger("simvlm_jax")
 
@@ -56,29 +56,25 @@ def load_eval_examples(shards: str | list[str] | None, image_size: int, max_exam
     return examples
 
 
-def generate_captions(model: simvlm.SimVLM, params: Any, vocab, images: np.ndarray, prompt: str,
+def generate_captions(model: Any, params: Any, vocab, images: np.ndarray, prompt: str,
                       mesh: jax.sharding.Mesh, batch_size: int = 64, max_len: int | None = None,
                       **decode_kwargs) -> list[str]:
-    """Captions uint8 images [N,H,W,3] on `mesh` (batch-sharded); `decode_kwargs` go to
+    """Captions uint8 images [N,H,W,3] on `mesh` (batch-sharded) with any generating model
+    family (`model`: a family, its module or config); `decode_kwargs` go to
     `decoding.make_decoder` (num_beams, min_len, length_penalty, repetition_penalty)."""
+    fam = registry.family_of(model)
+    if not fam.can_generate:
+        raise ValueError(f"the {fam.name} model family does not generate captions")
     shards = partitioning.num_batch_shards(mesh)
     batch_size = max(shards, batch_size // shards * shards)
-    prompt_ids = decoding.prompt_ids(vocab, prompt, model)
-    fn = decoding.make_decoder(model, max_len=max_len, **decode_kwargs)
-    eos = decoding.model_eos_id(model)
+    prompt_ids = fam.prompt_ids(vocab, prompt)
+    fn = decoding.make_decoder(fam, max_len=max_len, **decode_kwargs)
     captions: list[str] = []
     with partitioning.activate(mesh):
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            n = len(chunk)
-            if n < batch_size:  # pad the last batch to the compiled shape
-                chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-            batch = partitioning.host_batch_to_global({
-                "image": chunk, "prefix_tokens": np.tile(prompt_ids, (batch_size, 1)),
-                "has_image": np.ones((batch_size,), np.int32)}, mesh)
-            tokens = np.asarray(jax.device_get(fn(params, batch["image"], batch["prefix_tokens"],
-                                                  batch["has_image"])))
-            captions.extend(decoding.tokens_to_text(vocab, row, eos) for row in tokens[:n])
+        for chunk, n in batching.padded_batches(images, batch_size):
+            inputs = partitioning.host_batch_to_global(fam.decode_inputs(chunk, prompt_ids), mesh)
+            tokens = np.asarray(jax.device_get(fn(params, inputs)))
+            captions.extend(decoding.tokens_to_text(vocab, row, fam.eos_id, fam.pad_id) for row in tokens[:n])
     return captions
 
 
@@ -126,7 +122,7 @@ def write_report(path: str, rows: list[dict[str, Any]], metrics: dict[str, Any],
 
 
 @gin.configurable
-def evaluate_captioning(model: simvlm.SimVLM, params: Any, vocab, mesh: jax.sharding.Mesh, out_dir: str,
+def evaluate_captioning(model: Any, params: Any, vocab, mesh: jax.sharding.Mesh, out_dir: str,
                         shards: str | None = None, annotations_json: str | None = None,
                         image_dir: str | None = None, split: str | None = None,
                         prompt: str = "a picture of", batch_size: int = 64,

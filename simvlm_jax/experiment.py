@@ -6,11 +6,10 @@ import os
 from typing import Any, Sequence
 
 import gin
-import jax
 
-from simvlm_jax import checkpointing, evaluate, export, partitioning, train
-from simvlm_jax.data import synthetic, tokenizer
-from simvlm_jax.models import coca
+from simvlm_jax import checkpointing, convert_open_clip, evaluate, export, partitioning, train
+from simvlm_jax.data import pipeline, sources, synthetic, tasks, tokenizer  # noqa: F401  (gin configurables)
+from simvlm_jax.models import registry
 
 log = logging.getLogger("simvlm_jax")
 
@@ -34,7 +33,6 @@ def prepare_builtin(data_dir: str = gin.REQUIRED, seed: int = 0, num_train: int 
                            num_text=num_text, image_size=image_size)
     vocab_path = vocab_path or os.path.join(data_dir, "spm.model")
     if not os.path.exists(vocab_path):
-        from simvlm_jax.data import sources  # pylint: disable=g-import-not-at-top
         texts = []
         for path in sources.expand_paths(os.path.join(data_dir, "text", "*.txt")):
             with open(path, encoding="utf-8") as f:
@@ -54,75 +52,65 @@ def register_data(registrations: Sequence[Any] = ()) -> list[Any]:
 
 
 @gin.configurable
-def eval_hook_overrides(max_examples: int | None = 256, with_constant_baseline: bool = False) -> dict:
-    """Cheaper settings for evals during training (`train.eval_every`)."""
-    return {"max_examples": max_examples, "with_constant_baseline": with_constant_baseline}
-
-
-@gin.configurable
 def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None = None,
-        export_dir: str | None = None, export_dtype: str | None = None,
-        eval_from_export: bool = False, model: str = "simvlm") -> dict[str, Any]:
+        export_dir: str | None = None, export_dtype: str | None = None, export_open_clip: bool = False,
+        eval_from_export: bool = False, eval_every_max_examples: int | None = 256) -> dict[str, Any]:
     """Runs the requested modes in order and returns a JSON-able summary.
 
-    `model`: 'simvlm' (configured by `SimVLMConfig.*`) or 'coca' (`CoCaConfig.*`).
+    The model is the gin-selected family (`model_family.name`, set by gin/models/*.gin).
+    `export_open_clip=True` adds open_clip's files to the export (open_clip-compatible CoCa).
+    Evals during training (`train.eval_every`) use the first `eval_every_max_examples`
+    examples and skip the constant-caption baseline.
     """
-    if model not in train.MODEL_CONFIGS:
-        raise ValueError(f"run.model={model!r}; choose one of {sorted(train.MODEL_CONFIGS)}")
     summary: dict[str, Any] = {"work_dir": os.path.abspath(work_dir)}
     eval_dir = eval_dir or os.path.join(work_dir, "eval")
     export_dir = export_dir or os.path.join(work_dir, "export")
     if "prepare" in modes:
         summary.update(prepare_builtin())
-    model_config = train.MODEL_CONFIGS[model]()
+    family = registry.model_family()
+    # Fail before any compute: a writer checks what it can represent when created.
+    writers = [convert_open_clip.OpenClipWriter(family.config)] if export_open_clip and "export" in modes else []
     vocab = tokenizer.get_vocabulary()
-    config_name = type(model_config).__name__
-    if model_config.vocab_size < vocab.vocab_size:
-        raise ValueError(f"{config_name}.vocab_size={model_config.vocab_size} is smaller than the "
-                         f"tokenizer's {vocab.vocab_size} pieces; set {config_name}.vocab_size")
-    if isinstance(model_config, coca.CoCaConfig) and model_config.eos_id != vocab.eos_id:
-        raise ValueError(f"CoCaConfig.eos_id={model_config.eos_id} but the tokenizer's EOS is {vocab.eos_id}: "
-                         f"set CoCaConfig.eos_id={vocab.eos_id} (captions are trained to end with it)")
+    family.check_vocabulary(vocab)
     mesh = partitioning.make_mesh()
     summary["mesh"] = dict(mesh.shape)
-    state = trainer = None
+    params = step = None
     if "train" in modes:
         register_data()
-        eval_model = train.build_model(model_config)
 
         def eval_during_training(params, step):
             """Captioning eval hook (train.eval_every); images + captions go to TensorBoard."""
-            out = evaluate.evaluate_captioning(eval_model, params, vocab, mesh,
-                                               os.path.join(eval_dir, f"step_{step}"), **eval_hook_overrides())
+            out = evaluate.evaluate_captioning(family, params, vocab, mesh, os.path.join(eval_dir, f"step_{step}"),
+                                               max_examples=eval_every_max_examples, with_constant_baseline=False)
             return {**out["metrics"], "samples": out["samples"]}
 
-        result = train.train(work_dir, mesh=mesh, model_config=model_config, eval_fn=eval_during_training)
-        state, trainer = result["state"], result["trainer"]
-        summary.update(step=result["step"], checkpoint_dir=result["checkpoint_dir"],
-                       train_loss=result["metrics"].get("loss"))
+        result = train.train(work_dir, mesh=mesh, model=family, eval_fn=eval_during_training)
+        params, step = result["state"].params, result["step"]
+        summary.update(step=step, checkpoint_dir=result["checkpoint_dir"], train_loss=result["metrics"].get("loss"))
     need_params = any(m in modes for m in ("eval", "export"))
-    if need_params and state is None and not ("eval" in modes and eval_from_export and "export" not in modes):
-        trainer = train.Trainer(model_config, mesh, total_steps=1)
+    if need_params and params is None and not ("eval" in modes and eval_from_export and "export" not in modes):
+        trainer = train.Trainer(family, mesh, train.make_optimizer(1), rules=partitioning.axis_rules())
         manager = checkpointing.make_manager(work_dir)
         restored = checkpointing.restore(manager, trainer.abstract_state, None)
         if restored is None:
             raise FileNotFoundError(f"No checkpoint in {manager.directory}; run --mode=train first")
         state, step = restored
+        params = state.params
         summary.update(step=step, checkpoint_dir=str(manager.directory))
     metrics = None
     if "eval" in modes:
         if eval_from_export:
-            model, params, vocab_e = export.load_export(export_dir)
-            out = evaluate.evaluate_captioning(model, params, vocab_e, mesh, eval_dir)
+            model, export_params, vocab_e = export.load_export(export_dir)
+            out = evaluate.evaluate_captioning(model, export_params, vocab_e, mesh, eval_dir)
         else:
-            out = evaluate.evaluate_captioning(trainer.model, state.params, vocab, mesh, eval_dir)
+            out = evaluate.evaluate_captioning(family, params, vocab, mesh, eval_dir)
         metrics = out["metrics"]
-        summary.update({k: v for k, v in metrics.items()})
+        summary.update(dict(metrics.items()))
         summary["report"] = out.get("report")
         summary["eval_dir"] = os.path.abspath(eval_dir)
     if "export" in modes:
-        export.export(state.params, model_config, vocab.sentencepiece_model_file, export_dir,
+        export.export(params, family.config, vocab.sentencepiece_model_file, export_dir,
                       metrics=metrics, dtype=export_dtype, training_gin=gin.config_str(),
-                      step=int(jax.device_get(state.step)))
+                      step=int(step), writers=writers)
         summary["export_dir"] = os.path.abspath(export_dir)
     return summary

@@ -6,8 +6,8 @@ An export holds no optimizer state and no pickles:
   tokenizer.model     the SentencePiece model (absent for open_clip CoCa, which uses CLIP BPE)
   export_info.json    format version, model type, tokenizer, parameter count, dtype, metrics
   MODEL_CARD.md       what it is, how it was trained, its metrics
-  open_clip/          (optional, open_clip-compatible CoCa) open_clip_config.json +
-                      open_clip_model.safetensors: `open_clip.create_model('local-dir:DIR/open_clip')`
+  <extra>/            (optional) files in another ecosystem's format, written by `writers`, e.g.
+                      open_clip/ for an open_clip-compatible CoCa (`convert_open_clip.OpenClipWriter`)
 
 `load_export(dir)` rebuilds (model, params, vocabulary) without the training state;
 `load_params_for_training(dir, params, include)` puts an export's weights (all, or the
@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import shutil
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import flax.linen as nn
 import gin
@@ -32,21 +32,18 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import seqio
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from simvlm_jax.models import coca, simvlm
+from simvlm_jax.models import registry
+from simvlm_jax.models.family import ModelFamily
 
 FORMAT_VERSION = 2  # 2: model type (SimVLM | CoCa) and tokenizer recorded; 1: SimVLM only
 PARAMS_FILE = "params.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
-OPEN_CLIP_DIR = "open_clip"
 
-# model type -> (config class, model class); the gin prefix is the config class name.
-MODEL_TYPES = {"SimVLM": (simvlm.SimVLMConfig, simvlm.SimVLM), "CoCa": (coca.CoCaConfig, coca.CoCa)}
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-ModelConfig = simvlm.SimVLMConfig | coca.CoCaConfig
+ModelConfig = Any  # a registered family's config (SimVLMConfig, CoCaConfig, ...)
 
 
 # ----------------------------------------------------------------------------- param trees
@@ -94,10 +91,8 @@ def cast_floats(flat: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray
 # ----------------------------------------------------------------------------- model config <-> gin
 
 def model_type_of(config: ModelConfig) -> str:
-    for name, (config_cls, _) in MODEL_TYPES.items():
-        if isinstance(config, config_cls):
-            return name
-    raise TypeError(f"cannot export a {type(config).__name__}; known: {sorted(MODEL_TYPES)}")
+    """The model type an export of `config` records (its family's `export_type`)."""
+    return registry.family_of(config).export_type
 
 
 def config_to_gin(cfg: ModelConfig) -> str:
@@ -110,7 +105,6 @@ def config_to_gin(cfg: ModelConfig) -> str:
 
 def gin_to_config(text: str) -> ModelConfig:
     """The config written by `config_to_gin` (its class is read from the binding prefix)."""
-    by_prefix = {cls.__name__: cls for cls, _ in MODEL_TYPES.values()}
     kwargs: dict[str, dict[str, Any]] = {}
     for line in text.splitlines():
         line = line.strip()
@@ -118,26 +112,16 @@ def gin_to_config(text: str) -> ModelConfig:
             continue
         name, value = line.split("=", 1)
         cls_name, _, field = name.strip().partition(".")
-        if cls_name in by_prefix:
+        if registry.by_config_name(cls_name) is not None:
             kwargs.setdefault(cls_name, {})[field] = ast.literal_eval(value.strip())
     if len(kwargs) != 1:
-        raise ValueError(f"model.gin must bind exactly one of {sorted(by_prefix)}; found {sorted(kwargs) or 'none'}")
+        known = sorted(f.config_cls.__name__ for f in registry.FAMILIES.values())
+        raise ValueError(f"model.gin must bind exactly one of {known}; found {sorted(kwargs) or 'none'}")
     (cls_name, fields), = kwargs.items()
-    return by_prefix[cls_name](**fields)
+    return registry.by_config_name(cls_name).config_cls(**fields)
 
 
 # ----------------------------------------------------------------------------- writing
-
-def _model_summary(cfg: ModelConfig) -> str:
-    if isinstance(cfg, coca.CoCaConfig):
-        flavour = "open_clip-compatible " if cfg.open_clip_compatible else ""
-        return (f"{flavour}CoCa: ViT width {cfg.encoder_width} x {cfg.encoder_layers} layers "
-                f"(patch {cfg.patch_size}), text decoder width {cfg.decoder_width}, "
-                f"{cfg.unimodal_layers} unimodal + {cfg.multimodal_layers} multimodal layers, "
-                f"{cfg.n_queries} pooler queries, embedding {cfg.embed_dim}, {cfg.image_size}px images.")
-    return (f"SimVLM (PrefixLM): width {cfg.width}, {cfg.encoder_layers} encoder / {cfg.decoder_layers} "
-            f"decoder layers, {cfg.image_size}px images, conv stem stages {cfg.stem_stages}.")
-
 
 def _tokenizer_note(tokenizer: dict[str, Any]) -> str:
     if tokenizer["type"] == "sentencepiece":
@@ -149,20 +133,18 @@ def _tokenizer_note(tokenizer: dict[str, Any]) -> str:
     return "not included."
 
 
-def _model_card(config: ModelConfig, info: dict[str, Any]) -> str:
+def _model_card(fam: ModelFamily, info: dict[str, Any], extra_notes: Sequence[str]) -> str:
     metrics = info["metrics"]
     metric_lines = "\n".join(f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |"
                              for k, v in metrics.items())
-    use = "python -m simvlm_jax.caption --export_dir THIS_DIR image.jpg"
-    if info["model_type"] == "CoCa":
-        use += "\npython -m simvlm_jax.zero_shot --export_dir THIS_DIR --mode classify --image_dir DIR"
-    card = (f"# {info['model_type']} export\n\n{_model_summary(config)}\n"
+    use = "python -m simvlm_jax.caption --export_dir THIS_DIR image.jpg" if fam.can_generate else ""
+    use += "\npython -m simvlm_jax.zero_shot --export_dir THIS_DIR --mode classify --image_dir DIR"
+    card = (f"# {info['model_type']} export\n\n{fam.describe()}\n"
             f"{info['num_params']:,} parameters, weights stored as {info['dtype']}.\n"
             f"Trained with simvlm_jax, step {info['step']}.\n\nTokenizer: {_tokenizer_note(info['tokenizer'])}\n\n"
             f"## Metrics\n\n| metric | value |\n|---|---|\n{metric_lines}\n\n## Use\n\n```\n{use}\n```\n")
-    if info.get("open_clip"):
-        card += (f"\nopen_clip weights: `open_clip.create_model('local-dir:THIS_DIR/{OPEN_CLIP_DIR}')` "
-                 "(float32 unless exported with a dtype).\n")
+    for note in extra_notes:
+        card += f"\n{note}\n"
     return card
 
 
@@ -171,30 +153,34 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def _tokenizer_info(config: ModelConfig, vocab_path: str | None) -> dict[str, Any]:
+def _tokenizer_info(fam: ModelFamily, vocab_path: str | None) -> dict[str, Any]:
     if vocab_path:
         return {"type": "sentencepiece", "file": TOKENIZER_FILE}
-    if isinstance(config, coca.CoCaConfig) and config.open_clip_compatible:
-        return {"type": "open_clip", "file": None}
-    return {"type": None, "file": None}
+    return {"type": fam.external_tokenizer, "file": None}
 
 
-@gin.configurable(allowlist=["open_clip_state_dict"])
+class ExtraWriter(Protocol):
+    """Writes a bundle's files in another ecosystem's format (e.g. open_clip's)."""
+    name: str  # the bundle's subdirectory and the export_info.json key
+
+    def __call__(self, host_params: Any, out_dir: str, dtype: str) -> str:
+        """Writes into `out_dir`; returns a model-card note on how to load them."""
+
+
 def export(params: Any, config: ModelConfig, vocab_path: str | None, export_dir: str,
            metrics: dict[str, Any] | None = None, dtype: str | None = None,
            training_gin: str | None = None, step: int | None = None,
-           open_clip_state_dict: bool = False) -> str:
-    """Writes an inference bundle for a SimVLM or CoCa model; returns `export_dir`.
+           writers: Sequence[ExtraWriter] = ()) -> str:
+    """Writes an inference bundle of any family's model; returns `export_dir`.
 
     `dtype` ('bfloat16' | 'float16' | 'float32') casts floating params (bf16 halves the
-    file). `vocab_path`: the SentencePiece model (None: no tokenizer, e.g. open_clip CoCa).
-    `open_clip_state_dict=True` (gin: `export.open_clip_state_dict`) also writes open_clip's
-    files for an open_clip-compatible CoCa (see `export_open_clip`).
+    file). `vocab_path`: the SentencePiece model (None: no tokenizer file, e.g. open_clip
+    CoCa). Each of `writers` adds files in its own subdirectory (e.g.
+    `convert_open_clip.OpenClipWriter(config)`: open_clip's state dict); check what they
+    can represent when creating them, so a bad request fails before anything is written.
+    The bundle appears atomically (written to `export_dir.tmp`, then renamed).
     """
-    model_type = model_type_of(config)
-    if open_clip_state_dict:  # fail before writing anything
-        from simvlm_jax import convert_open_clip  # pylint: disable=g-import-not-at-top
-        convert_open_clip.config_to_open_clip(config)
+    fam = registry.family_of(config)
     host_params = jax.tree_util.tree_map(_to_host, nn.meta.unbox(params))
     flat = flatten_params(host_params)
     if dtype:
@@ -205,63 +191,26 @@ def export(params: Any, config: ModelConfig, vocab_path: str | None, export_dir:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_file(flat, os.path.join(tmp, PARAMS_FILE),
-              metadata={"format": "simvlm_jax", "version": str(FORMAT_VERSION), "model_type": model_type})
+              metadata={"format": "simvlm_jax", "version": str(FORMAT_VERSION), "model_type": fam.export_type})
     _write_text(os.path.join(tmp, "model.gin"), config_to_gin(config))
     if vocab_path:
         shutil.copy(vocab_path, os.path.join(tmp, TOKENIZER_FILE))
-    info = {"format_version": FORMAT_VERSION, "model": model_type, "model_type": model_type,
-            "config_class": type(config).__name__, "tokenizer": _tokenizer_info(config, vocab_path),
+    info = {"format_version": FORMAT_VERSION, "model": fam.export_type, "model_type": fam.export_type,
+            "config_class": type(config).__name__, "tokenizer": _tokenizer_info(fam, vocab_path),
             "num_params": int(sum(v.size for v in flat.values())),
             "dtype": dtype or str(next(iter(flat.values())).dtype), "step": step,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(), "metrics": metrics or {},
-            "open_clip": bool(open_clip_state_dict)}
-    if open_clip_state_dict:
-        export_open_clip(host_params, config, os.path.join(tmp, OPEN_CLIP_DIR), dtype=dtype or "float32")
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(), "metrics": metrics or {}}
+    notes = []
+    for writer in writers:
+        notes.append(writer(host_params, os.path.join(tmp, writer.name), dtype or "float32"))
+        info[writer.name] = True
     _write_text(os.path.join(tmp, "export_info.json"), json.dumps(info, indent=1))
     if training_gin:
         _write_text(os.path.join(tmp, "training_config.gin"), training_gin)
-    _write_text(os.path.join(tmp, "MODEL_CARD.md"), _model_card(config, info))
+    _write_text(os.path.join(tmp, "MODEL_CARD.md"), _model_card(fam, info, notes))
     shutil.rmtree(export_dir, ignore_errors=True)
     os.replace(tmp, export_dir)
     return export_dir
-
-
-def export_open_clip(params: Any, config: coca.CoCaConfig, out_dir: str,
-                     formats: Sequence[str] = ("safetensors",), dtype: str = "float32") -> str:
-    """Writes an open_clip-compatible CoCa as open_clip's own files; returns `out_dir`.
-
-    out_dir/open_clip_config.json       {'model_cfg', 'preprocess_cfg'}
-    out_dir/open_clip_model.safetensors  ('safetensors' in `formats`)
-    out_dir/open_clip_pytorch_model.bin  ('bin': torch.save of the state_dict; needs torch)
-    open_clip reads it with `open_clip.create_model('local-dir:' + out_dir)` (strict load);
-    the tokenizer it then uses is its CLIP BPE (SimpleTokenizer).
-    """
-    from simvlm_jax import convert_open_clip  # pylint: disable=g-import-not-at-top
-    unknown = set(formats) - {"safetensors", "bin"}
-    if unknown or not formats:
-        raise ValueError(f"export_open_clip formats {list(formats)}; use 'safetensors' and/or 'bin'")
-    model_cfg = convert_open_clip.config_to_open_clip(config)
-    torch = _import_torch() if "bin" in formats else None
-    state_dict = {k: np.ascontiguousarray(v) for k, v in convert_open_clip.to_open_clip(params, config).items()}
-    os.makedirs(out_dir, exist_ok=True)
-    _write_text(os.path.join(out_dir, "open_clip_config.json"), json.dumps(
-        {"model_cfg": model_cfg, "preprocess_cfg": convert_open_clip.preprocess_to_open_clip(config)}, indent=1))
-    if "safetensors" in formats:
-        save_file(cast_floats(state_dict, dtype), os.path.join(out_dir, "open_clip_model.safetensors"))
-    if torch is not None:
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        torch.save({k: torch.from_numpy(v).to(torch_dtype) for k, v in state_dict.items()},
-                   os.path.join(out_dir, "open_clip_pytorch_model.bin"))
-    return out_dir
-
-
-def _import_torch():
-    try:
-        import torch  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-        raise ImportError("export_open_clip(formats=('bin',)) needs PyTorch (torch.save); install torch or "
-                          "use formats=('safetensors',), which open_clip also loads") from e
-    return torch
 
 
 # ----------------------------------------------------------------------------- reading
@@ -300,11 +249,11 @@ def load_config(export_dir: str) -> ModelConfig:
     return config
 
 
-def load_export(export_dir: str) -> tuple[simvlm.SimVLM | coca.CoCa, dict[str, Any],
-                                          seqio.SentencePieceVocabulary | None]:
+def load_export(export_dir: str) -> tuple[Any, dict[str, Any], Any]:
     """(model, params, vocabulary) from an export directory.
 
-    The model is a `SimVLM` or a `CoCa`, by the bundle's model type. Low-precision
+    The model is the flax module of the bundle's family (`SimVLM`, `CoCa`, ...; its
+    family: `registry.family_of(model)`), by the bundle's model type. Low-precision
     (bf16/fp16) params are upcast when the config's param_dtype is float32. The
     vocabulary of open_clip CoCa bundles is CLIP BPE (`clip_tokenizer.ClipBpeVocabulary`,
     None when its merges file is not available); None for bundles without a tokenizer.
@@ -317,14 +266,15 @@ def load_export(export_dir: str) -> tuple[simvlm.SimVLM | coca.CoCa, dict[str, A
         params = jax.tree_util.tree_map(lambda x: x.astype(np.float32) if _is_float(x.dtype) else x, params)
     vocab = None
     if info["tokenizer"]["type"] == "sentencepiece":
+        import seqio  # pylint: disable=g-import-not-at-top  (TensorFlow: only when a vocabulary is loaded)
         vocab = seqio.SentencePieceVocabulary(os.path.join(export_dir, TOKENIZER_FILE))
     elif info["tokenizer"]["type"] == "open_clip":
-        from simvlm_jax.data import clip_tokenizer  # pylint: disable=g-import-not-at-top
+        from simvlm_jax.data import clip_tokenizer  # pylint: disable=g-import-not-at-top  (seqio -> TensorFlow)
         try:  # CLIP BPE from the merges file open_clip_torch ships (None without it)
             vocab = clip_tokenizer.ClipBpeVocabulary()
         except (FileNotFoundError, ImportError) as e:
             logging.getLogger("simvlm_jax").warning("%s: no CLIP BPE tokenizer (%s)", export_dir, e)
-    return MODEL_TYPES[model_type_of(config)][1](config), params, vocab
+    return registry.family_of(config).module, params, vocab
 
 
 # ----------------------------------------------------------------------------- restoring for training

@@ -7,24 +7,21 @@ unmasked part); pass `count_masked=True` to count the full matrices as XLA
 executes them. Training = 3 x forward (backward is twice the forward); remat
 recomputation is *not* counted, so MFU stays comparable across remat policies.
 
-`python -m simvlm_jax.flops --table` prints the markdown tables of every config in
-gin/models/ (sizes, exact parameter counts, training FLOPs per example) that
-docs/models.md shows.
+The formulas take a config (duck-typed: this module imports no model, so each
+family's module can use these counters); `python -m simvlm_jax.model_table` prints
+the docs/models.md tables from them.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import glob
-import math
-import os
-import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 import jax
 
-from simvlm_jax.models.coca import CoCaConfig
-from simvlm_jax.models.simvlm import SimVLMConfig, stem_stride
+from simvlm_jax.models.layers import stem_stride
+
+if TYPE_CHECKING:
+    from simvlm_jax.models.coca import CoCaConfig
+    from simvlm_jax.models.simvlm import SimVLMConfig
 
 # Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
 PEAK_FLOPS = (
@@ -190,153 +187,3 @@ def coca_forward_flops(cfg: CoCaConfig, batch_size: int = 0, count_masked: bool 
 def coca_train_flops_per_example(cfg: CoCaConfig, batch_size: int = 0, count_masked: bool = False) -> float:
     """Training FLOPs per example (forward + backward = 3 x forward)."""
     return 3.0 * coca_forward_flops(cfg, batch_size, count_masked)
-
-
-# ----------------------------------------------------------------------------- model table
-
-GIN_MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin", "models")
-
-# What each config follows: config -> (published parameter count or None, source).
-REFERENCE_COUNTS: dict[str, tuple[float | None, str]] = {
-    "simvlm_tiny": (None, "ours (CPU demo)"),
-    "simvlm_base": (None, "SimVLM-Base, arXiv 2108.10904 (ViT-B sizes)"),
-    "simvlm_large": (None, "SimVLM-Large, arXiv 2108.10904 (ViT-L sizes)"),
-    "simvlm_huge": (None, "SimVLM-Huge, arXiv 2108.10904 (ViT-H sizes)"),
-    "coca_tiny": (None, "ours (CPU demo)"),
-    "coca_base": (383e6, "CoCa-Base, arXiv 2205.01917 Table 1"),
-    "coca_large": (787e6, "CoCa-Large, arXiv 2205.01917 Table 1"),
-    "coca_2b": (2.1e9, "CoCa, arXiv 2205.01917 Table 1"),
-    "coca_ViT-B-32": (253_560_065, "open_clip coca_ViT-B-32 (open_clip_torch 3.3.0)"),
-    "coca_ViT-L-14": (638_450_177, "open_clip coca_ViT-L-14 (open_clip_torch 3.3.0)"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelRow:
-    """One gin/models config: its parsed config, exact parameter counts and training FLOPs."""
-    name: str
-    config: SimVLMConfig | CoCaConfig
-    num_params: int
-    pooler_params: int  # CoCa's attentional poolers + image projection (0 for SimVLM)
-    train_flops_per_example: float
-
-
-def load_model_config(path: str) -> SimVLMConfig | CoCaConfig:
-    """The SimVLMConfig / CoCaConfig a model gin file binds (gin is cleared before and after)."""
-    import gin  # pylint: disable=g-import-not-at-top
-    gin.clear_config()
-    try:
-        gin.parse_config_file(path)
-        return CoCaConfig() if os.path.basename(path).startswith("coca") else SimVLMConfig()
-    finally:
-        gin.clear_config()
-
-
-def abstract_params(cfg: SimVLMConfig | CoCaConfig) -> dict:
-    """Unboxed parameter ShapeDtypeStructs (jax.eval_shape: nothing is allocated)."""
-    import flax.linen as nn  # pylint: disable=g-import-not-at-top
-    from simvlm_jax import train  # pylint: disable=g-import-not-at-top  (train imports flops)
-    model = train.build_model(cfg)
-    return nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), train.dummy_batch(cfg)))["params"])
-
-
-def _count(tree: Any) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
-
-
-def train_flops_per_example(cfg: SimVLMConfig | CoCaConfig) -> float:
-    """Training FLOPs of one (image-text) example of either model."""
-    if isinstance(cfg, CoCaConfig):
-        return coca_train_flops_per_example(cfg)
-    return simvlm_train_flops_per_example(cfg)
-
-
-def model_row(path: str) -> ModelRow:
-    cfg = load_model_config(path)
-    params = abstract_params(cfg)
-    return ModelRow(os.path.splitext(os.path.basename(path))[0], cfg, _count(params),
-                    _count(params.get("pooler", {})), train_flops_per_example(cfg))
-
-
-def model_rows(gin_dir: str = GIN_MODELS_DIR) -> list[ModelRow]:
-    """Every gin/models/*.gin config: SimVLM first, then CoCa, each by size."""
-    rows = [model_row(p) for p in glob.glob(os.path.join(gin_dir, "*.gin"))]
-    return sorted(rows, key=lambda r: (isinstance(r.config, CoCaConfig), r.num_params))
-
-
-def _fmt_count(n: float) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
-
-
-def _pair(a: int, b: int) -> str:
-    return f"{a}" if a == b else f"{a} / {b}"
-
-
-def _stem_cell(stages: int, units: tuple[int, ...], width: int) -> str:
-    if not stages:
-        return "linear"
-    which = "stage 1" if stages == 1 else f"stages 1-{stages}"
-    n = "+".join(map(str, units[:stages]))
-    return f"ResNet {which} ({n} unit{'s' if n != '1' else ''}, root width {width})"
-
-
-def _architecture_cells(cfg: SimVLMConfig | CoCaConfig) -> list[str]:
-    if isinstance(cfg, SimVLMConfig):
-        return [f"{cfg.width}", f"{cfg.encoder_layers} / {cfg.decoder_layers}", f"{cfg.num_heads}",
-                f"{cfg.mlp_dim}", f"{cfg.image_size} / {cfg.patch_size}",
-                _stem_cell(cfg.stem_stages, cfg.stem_units, cfg.stem_width),
-                f"{cfg.num_image_tokens} image + {cfg.max_prefix_len} prefix", f"{cfg.max_target_len} target"]
-    mode = "open_clip" if cfg.open_clip_compatible else cfg.pooler_layout
-    return [_pair(cfg.encoder_width, cfg.decoder_width),
-            f"{cfg.encoder_layers} / {cfg.unimodal_layers}+{cfg.multimodal_layers}",
-            _pair(cfg.encoder_heads, cfg.decoder_heads), _pair(cfg.encoder_mlp_dim, cfg.decoder_mlp_dim),
-            f"{cfg.image_size} / {cfg.patch_size}", _stem_cell(cfg.stem_stages, cfg.stem_units, cfg.stem_width),
-            f"{cfg.num_patches} image -> {cfg.n_queries} queries ({mode})",
-            f"{cfg.max_text_len} text (+BOS, CLS)"]
-
-
-def _size_cells(row: ModelRow) -> list[str]:
-    count, source = REFERENCE_COUNTS.get(row.name, (None, "?"))
-    no_pool = row.num_params - row.pooler_params
-    gflops = row.train_flops_per_example / 1e9
-    cells = [f"{row.num_params:,}", f"{no_pool:,}" if row.pooler_params else "—",
-             f"{gflops:,.1f}" if gflops >= 10 else f"{gflops:.3f}", source]
-    if count is None:
-        return cells + ["not stated" if "arXiv" in source else "—", "—"]
-    exact = count % 1_000_000 != 0
-    dev = f"{100 * (row.num_params - count) / count:+.1f}%"
-    if row.pooler_params and not exact:
-        dev += f" ({100 * (no_pool - count) / count:+.1f}% w/o poolers)"
-    return cells + [f"{int(count):,}" if exact else _fmt_count(count), dev]
-
-
-def markdown_tables(rows: list[ModelRow]) -> str:
-    """The two docs/models.md tables: architecture, then sizes and FLOPs."""
-    arch = ["config", "width (enc / dec)", "layers (enc / dec)", "heads", "MLP", "image px / patch",
-            "conv stem", "encoder-side tokens", "decoder tokens", "vocab"]
-    size = ["config", "params (exact)", "params w/o poolers", "train GFLOPs / example", "follows",
-            "reference params", "ours vs reference"]
-    out = []
-    for head, cells in ((arch, lambda r: _architecture_cells(r.config) + [f"{r.config.vocab_size:,}"]),
-                        (size, _size_cells)):
-        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        out += ["| " + " | ".join([f"`{r.name}`", *cells(r)]) + " |" for r in rows]
-        out.append("")
-    return "\n".join(out).rstrip() + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simvlm_jax.flops", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", action="store_true", help="print the gin/models table (markdown)")
-    parser.add_argument("--gin_dir", default=GIN_MODELS_DIR)
-    args = parser.parse_args(argv)
-    if not args.table:
-        parser.print_help()
-        return 2
-    print(markdown_tables(model_rows(args.gin_dir)), end="")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,23 +16,23 @@ import logging
 import os
 import sys
 import time
+import traceback
 from typing import Any, Sequence
 
+import jax
+
+from simvlm_jax import experiment
+from simvlm_jax.cli import GIN_DIR, UserError, add_gin_args, load_gin, split_gin_args
+
 MODES = ("prepare", "train", "eval", "export")
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
-
-
-class UserError(Exception):
-    """A mistake in the command line or config; printed as one line, exit code 2."""
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m simvlm_jax.main", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", default="train", help=f"comma-separated subset of {','.join(MODES)}")
-    parser.add_argument("--gin_file", action="append", default=[], help="gin file(s); repeatable")
-    parser.add_argument("--gin_search_path", action="append", default=[],
-                        help=f"extra directories for gin files/includes (always has {GIN_DIR})")
+    add_gin_args(parser)
     parser.add_argument("--multihost", action="store_true",
                         help="call jax.distributed.initialize(): auto-detected on TPU VMs and SLURM, "
                              "or from the three flags below")
@@ -41,16 +41,11 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--process_id", type=int, default=None)
     parser.add_argument("--print_json", action="store_true", help="print a JSON summary as the last line")
     args, rest = parser.parse_known_args(argv)
-    bindings, unknown = [], []
-    for item in rest:
-        if item.startswith("--gin."):
-            if "=" not in item:
-                raise UserError(f"gin override {item!r} needs a value: --gin.NAME=VALUE")
-            bindings.append(item[len("--gin."):])
-        else:
-            unknown.append(item)
+    bindings, unknown = split_gin_args(rest)
     if unknown:
         raise UserError(f"unknown argument(s): {' '.join(unknown)} (see --help)")
+    if not args.gin_file:
+        raise UserError("no --gin_file given; e.g. --gin_file=gin/demo.gin")
     modes = [m for m in args.mode.split(",") if m]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -59,57 +54,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, bindings
 
 
-def _import_configurables(model_only: bool = False) -> None:
-    # Importing registers every gin configurable a config may name.
-    from simvlm_jax import partitioning, train  # noqa: F401
-    from simvlm_jax.models import simvlm  # noqa: F401
-    if model_only:
-        return
-    from simvlm_jax import checkpointing, evaluate  # noqa: F401
-    from simvlm_jax.data import pipeline, tasks, tokenizer  # noqa: F401
-    from simvlm_jax.models import simvlm  # noqa: F401
-    from simvlm_jax import experiment  # noqa: F401
-
-
-def load_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
-             model_only: bool = False) -> None:
-    """Parses gin files + bindings, turning gin's errors into one-line UserErrors.
-
-    `model_only` registers just the model/trainer configurables and ignores bindings of
-    the others (data, checkpoints, eval), so benchmarks run without TF/grain/seqio."""
-    import gin  # pylint: disable=g-import-not-at-top
-    _import_configurables(model_only)
-    for p in [GIN_DIR, *search_paths]:
-        gin.add_config_file_search_path(p)
-    if not files:
-        raise UserError("no --gin_file given; e.g. --gin_file=gin/demo.gin")
-    resolved = []
-    for f in files:
-        candidates = [f] + [os.path.join(p, f) for p in [GIN_DIR, *search_paths]]
-        found = next((c for c in candidates if os.path.exists(c)), None)
-        if found is None:
-            raise UserError(f"gin file not found: {f}")
-        resolved.append(found)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.CRITICAL)  # gin logs an ERROR for each include search-path miss
-    try:
-        gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False,
-                                            skip_unknown=model_only)
-    except (ValueError, KeyError, SyntaxError, IOError) as e:
-        msg = str(e).strip().splitlines()
-        text = " ".join(line.strip() for line in msg if line.strip())[:400]
-        bad = next((b for b in bindings if b.split("=", 1)[0].strip() in text), None)
-        where = f" (from --gin.{bad})" if bad else ""
-        raise UserError(f"bad gin config{where}: {text}") from None
-    finally:
-        root.setLevel(level)
-
-
 def init_distributed(coordinator_address: str | None, num_processes: int | None,
                      process_id: int | None) -> None:
     """Multi-process start-up; CPU processes talk through gloo (used by the tests)."""
-    import jax  # pylint: disable=g-import-not-at-top
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or "force_host_platform" in os.environ.get("XLA_FLAGS", ""):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
@@ -129,7 +76,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.multihost or args.coordinator_address:
             init_distributed(args.coordinator_address, args.num_processes, args.process_id)
         load_gin(args.gin_file, bindings, args.gin_search_path)
-        from simvlm_jax import experiment  # pylint: disable=g-import-not-at-top
         t0 = time.time()
         summary = experiment.run(args.modes)
         summary["wall_time_sec"] = round(time.time() - t0, 1)
@@ -140,9 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, FloatingPointError) as e:
-        # Config values rejected by validation name the setting; a diverged run says so.
-        # SIMVLM_DEBUG=1 re-raises with the traceback.
-        if os.environ.get("SIMVLM_DEBUG"):
+        # Raised by our own checks (bad config value, a diverged run): one line naming the
+        # setting. Raised inside JAX/flax/numpy (shape errors, bugs): the traceback.
+        # SIMVLM_DEBUG=1 always shows the traceback.
+        if os.environ.get("SIMVLM_DEBUG") or not raised_by_simvlm(e):
             raise
         msg = " ".join(str(e).split())
         print(f"error: {type(e).__name__}: {msg}" if isinstance(e, TypeError) else f"error: {msg}",
@@ -151,6 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_json:
         print(json.dumps(summary, default=_json_default))
     return 0
+
+
+def raised_by_simvlm(e: BaseException) -> bool:
+    """Whether `e` was raised by simvlm_jax's own code (a deliberate message for the user),
+    not inside a library it called."""
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(PACKAGE_DIR + os.sep)
 
 
 def _json_default(x: Any):

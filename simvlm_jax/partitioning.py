@@ -17,6 +17,8 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
+import optax
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -84,7 +86,6 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn_data: int = 1,
         raise ValueError(f"make_mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {per_slice} "
                          f"devices per slice ({len(devices)} devices / dcn_data={dcn_data}); set one "
                          f"axis to -1 to use the rest")
-    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
     if dcn_data > 1:
         # Slices are TPU slices (device.slice_index) or, elsewhere, processes (hosts).
         num_slices = len({getattr(d, "slice_index", 0) for d in devices})
@@ -105,7 +106,6 @@ def logical_specs(abstract_boxed: Any) -> Any:
     Unannotated leaves (step counters, ...) are replicated; optax MaskedNodes
     (frozen params' absent optimizer state) are kept as empty subtrees.
     """
-    import optax  # pylint: disable=g-import-not-at-top
     masked = optax.MaskedNode
 
     def spec(x):
@@ -127,7 +127,6 @@ def logical_specs(abstract_boxed: Any) -> Any:
 
 def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules=None) -> Any:
     """Maps a pytree of logical PartitionSpecs to NamedShardings on `mesh`."""
-    import optax  # pylint: disable=g-import-not-at-top
     rules = rules or axis_rules()
 
     def to_sharding(spec):
@@ -143,7 +142,6 @@ def fit_to_shapes(shardings: Any, abstract: Any) -> Any:
     """Drops the sharding of any dimension its mesh axes do not divide (e.g. a vocab of
     32001 over tensor=2, or Adafactor's (1,)-shaped factored moments): that dim is
     replicated instead of failing at placement time."""
-    import optax  # pylint: disable=g-import-not-at-top
 
     def fit(sharding, x):
         if not isinstance(sharding, NamedSharding):
@@ -160,9 +158,9 @@ def fit_to_shapes(shardings: Any, abstract: Any) -> Any:
                                   is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)))
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+def batch_sharding(mesh: Mesh, ndim: int, rules=None) -> NamedSharding:
     """Sharding of an input array: leading dim over the batch axes, rest replicated."""
-    batch_axes = dict(axis_rules())["activation_batch"]
+    batch_axes = dict(rules or axis_rules())["activation_batch"]
     return NamedSharding(mesh, P(batch_axes, *([None] * (ndim - 1))))
 
 
@@ -180,6 +178,13 @@ def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh,
     """
     return {k: jax.make_array_from_process_local_data(
         shardings[k] if shardings else batch_sharding(mesh, v.ndim), v) for k, v in batch.items()}
+
+
+def batch_mesh_axes(mesh: Mesh, rules=None) -> tuple[str, ...]:
+    """The mesh axes the batch dimension is sharded over (the 'activation_batch' rule)."""
+    axes = dict(rules or axis_rules())["activation_batch"]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return tuple(a for a in axes if a in mesh.shape)
 
 
 def num_batch_shards(mesh: Mesh) -> int:

@@ -1,9 +1,10 @@
-"""Pretraining (SimVLM PrefixLM or CoCa): optimizer, loss, sharded train step, training loop.
+"""Pretraining of any model family: optimizer, sharded train step, training loop.
 
-The state (params + optimizer state) is created directly in its sharded layout
-(`jax.jit(..., out_shardings=...)`), the step is jitted with explicit in/out
-shardings and donates the old state, and the loop feeds global `jax.Array`s
-assembled from each host's grain batches.
+The model's objective comes from its family (`ModelFamily.objective`, defined in
+`simvlm_jax.losses`). The state (params + optimizer state) is created directly in
+its sharded layout (`jax.jit(..., out_shardings=...)`), the step is jitted with
+explicit in/out shardings and donates the old state, and the loop feeds global
+`jax.Array`s assembled from each host's grain batches.
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from simvlm_jax import flops, partitioning
-from simvlm_jax.models import coca, layers, simvlm
+from simvlm_jax import checkpointing, export, flops, partitioning
 from simvlm_jax.metric_writer import MetricWriter
+from simvlm_jax.models import layers, registry
+from simvlm_jax.models.family import ModelFamily, count_params
 
 log = logging.getLogger("simvlm_jax")
 
@@ -101,74 +103,44 @@ def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def prefix_lm_loss(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean token cross-entropy over the target (suffix) tokens; pad (0) is ignored.
-
-    The prefix never reaches the decoder's targets, so it is excluded by
-    construction: loss = -E log P(x_{>=Tp} | x_{<Tp}).
-    """
-    nll_sum, num_tokens, correct = token_stats(logits, targets)
-    denom = jnp.maximum(num_tokens, 1.0)
-    loss = nll_sum / denom
-    return loss, {"loss": loss, "token_accuracy": correct / denom, "num_target_tokens": num_tokens}
-
-
-def token_stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(sum of target-token NLL, number of target tokens, number argmax-correct); pad ignored."""
-    weights = (targets > 0).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    correct = ((jnp.argmax(logits, -1) == targets) * weights).sum()
-    return (nll * weights).sum(), weights.sum(), correct
-
-
-ModelConfig = simvlm.SimVLMConfig | coca.CoCaConfig
-# `run.model` / `benchmark --model` names -> config classes (gin-configured when called).
-MODEL_CONFIGS = {"simvlm": simvlm.SimVLMConfig, "coca": coca.CoCaConfig}
-
-
-def build_model(config: ModelConfig) -> simvlm.SimVLM | coca.CoCa:
-    """The model for a config: `SimVLMConfig` -> SimVLM, `CoCaConfig` -> CoCa."""
-    return coca.CoCa(config) if isinstance(config, coca.CoCaConfig) else simvlm.SimVLM(config)
-
-
-def dummy_batch(config: ModelConfig, batch_size: int = 1) -> dict[str, jax.Array]:
-    """The training batch a model reads (names and shapes); other features are dropped."""
-    module = coca if isinstance(config, coca.CoCaConfig) else simvlm
-    return module.dummy_batch(config, batch_size)
-
-
-@gin.configurable
-def coca_loss_weights(contrastive: float = 1.0, caption: float = 2.0) -> tuple[float, float]:
-    """CoCa's lambda_con and lambda_cap (paper: 1.0 and 2.0)."""
-    return contrastive, caption
-
-
 class Trainer:
-    """Holds the model, mesh, optimizer and the compiled sharded functions.
+    """Holds the model family, mesh, optimizer and the compiled sharded functions.
 
-    The objective per (micro)batch is `(value, weight, sums)`: gradients of `value`
-    are summed over microbatches and divided by the summed `weight`, and so are the
-    metric `sums`. SimVLM: value = summed target-token NLL, weight = token count (so
+    Everything is an argument: `optimizer` is `(tx, lr_schedule)` (see `make_optimizer`),
+    `microbatches` splits each global batch for gradient accumulation, `loss_weights`
+    overrides the family's default weights of its objective's terms, `rules` maps logical
+    axis names to mesh axes (default `partitioning.LOGICAL_AXIS_RULES`).
+
+    The family's objective per (micro)batch is `Objective(value, weight, sums)`: gradients
+    of `value` are summed over microbatches and divided by the summed `weight`, and so are
+    the metric `sums`. SimVLM: value = summed target-token NLL, weight = token count (so
     accumulation equals the big batch exactly). CoCa: value = the microbatch's loss
     (contrastive over the microbatch's global rows + caption CE), weight = 1.
     """
 
-    def __init__(self, model_config: ModelConfig, mesh: jax.sharding.Mesh, total_steps: int,
-                 seed: int = 0, microbatches: int | None = None):
-        self.config = model_config
-        self.microbatches = microbatches or gradient_accumulation()
-        self.model = build_model(model_config)
-        self.is_coca = isinstance(model_config, coca.CoCaConfig)
-        self.loss_weights = coca_loss_weights() if self.is_coca else None
+    def __init__(self, model: Any, mesh: jax.sharding.Mesh,
+                 optimizer: tuple[optax.GradientTransformation, Callable], *, microbatches: int = 1,
+                 loss_weights: dict[str, float] | None = None, rules=None, seed: int = 0):
+        self.family = registry.family_of(model)
+        self.config = self.family.config
+        self.model = self.family.module
+        if microbatches < 1:
+            raise ValueError(f"train.microbatches={microbatches} must be >= 1")
+        self.microbatches = microbatches
+        self.loss_weights = dict(self.family.loss_weights)
+        unknown = sorted(set(loss_weights or {}) - set(self.loss_weights))
+        if unknown:
+            raise ValueError(f"train.loss_weights: {unknown} are not terms of the {self.family.name} objective; "
+                             f"its terms are {sorted(self.loss_weights) or 'none (one loss)'}")
+        self.loss_weights.update(loss_weights or {})
         self.mesh = mesh
-        self.rules = partitioning.axis_rules()
+        self.rules = tuple(rules) if rules is not None else partitioning.LOGICAL_AXIS_RULES
+        self.batch_axes = partitioning.batch_mesh_axes(mesh, self.rules)
         self.seed = seed
-        self.tx, self.lr_schedule = make_optimizer(total_steps)
+        self.tx, self.lr_schedule = optimizer
 
         def init_boxed(rng):
-            variables = self.model.init({"params": rng, "dropout": rng}, dummy_batch(model_config))
-            params = variables["params"]
+            params = self.family.init_params(rng)
             zero = jnp.zeros((), jnp.int32)
             return TrainState(step=zero, params=params, opt_state=self.tx.init(params),
                               nonfinite_total=zero, nonfinite_consecutive=zero)
@@ -181,11 +153,10 @@ class Trainer:
                 nn.meta.unbox(abstract_boxed))
         self.abstract_state = partitioning.abstract_like(nn.meta.unbox(abstract_boxed), self.state_shardings)
         self._init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=self.state_shardings)
-        batch_shardings = {k: partitioning.batch_sharding(mesh, v.ndim)
-                           for k, v in dummy_batch(model_config).items()}
-        self.batch_shardings = batch_shardings
+        self.batch_shardings = {k: partitioning.batch_sharding(mesh, v.ndim, self.rules)
+                                for k, v in self.family.dummy_batch().items()}
         self._step = jax.jit(self._train_step,
-                             in_shardings=(self.state_shardings, batch_shardings),
+                             in_shardings=(self.state_shardings, self.batch_shardings),
                              out_shardings=(self.state_shardings, partitioning.replicated(mesh)),
                              donate_argnums=(0,))
 
@@ -199,14 +170,9 @@ class Trainer:
 
     def _objective(self, params, batch, rng) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
         """(value to differentiate, (weight, metric sums)) of one (micro)batch; see the class doc."""
-        out = self.model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng})
-        if not self.is_coca:
-            nll_sum, n, correct = token_stats(out, batch["target_tokens"])
-            return nll_sum, (n, {"loss": nll_sum, "token_accuracy": correct, "num_target_tokens": n})
-        lambda_con, lambda_cap = self.loss_weights
-        loss, m = coca.coca_loss(out, batch["target_tokens"], lambda_con=lambda_con, lambda_cap=lambda_cap,
-                                 mesh=self.mesh, pad_id=self.config.pad_id)
-        return loss, (jnp.ones(()), m)
+        obj = self.family.objective(params, batch, rng, loss_weights=self.loss_weights, mesh=self.mesh,
+                                    batch_axes=self.batch_axes)
+        return obj.value, (obj.weight, obj.sums)
 
     def _grads(self, params, batch, rng):
         """Summed gradients, summed weight and metric sums; microbatched with lax.scan if asked."""
@@ -218,13 +184,13 @@ class Trainer:
         # Microbatch i takes rows i::k, so every device keeps an equal share of each one.
         def split(x):
             if x.shape[0] % k:
-                raise ValueError(f"global batch {x.shape[0]} is not divisible by gradient_accumulation "
-                                 f"microbatches={k}")
-            # CoCa's contrastive loss runs under shard_map over the batch shards.
+                raise ValueError(f"global batch {x.shape[0]} is not divisible by train.microbatches={k}")
+            # An objective that runs per batch shard (CoCa's contrastive loss, under shard_map)
+            # needs every microbatch split evenly over the shards.
             shards = partitioning.num_batch_shards(self.mesh)
-            if self.is_coca and x.shape[0] % (k * shards):
-                raise ValueError(f"CoCa: global batch {x.shape[0]} must be divisible by gradient_accumulation."
-                                 f"microbatches={k} x the batch shards data*fsdp={shards}")
+            if self.family.per_shard_objective and x.shape[0] % (k * shards):
+                raise ValueError(f"{self.family.name}: global batch {x.shape[0]} must be divisible by "
+                                 f"train.microbatches={k} x the batch shards data*fsdp={shards}")
             x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
             return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
         micro = jax.tree_util.tree_map(split, batch)
@@ -277,19 +243,11 @@ class Trainer:
             return self._step(state, self.model_inputs(batch))
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """The features this model trains on (e.g. CoCa drops the PrefixLM prefix)."""
+        """The features this model trains on (others, e.g. a PrefixLM prefix for CoCa, are dropped)."""
         missing = [k for k in self.batch_shardings if k not in batch]
         if missing:
             raise KeyError(f"the training batch has no {missing} (has {sorted(batch)}); check the data task")
         return {k: batch[k] for k in self.batch_shardings}
-
-
-@gin.configurable
-def gradient_accumulation(microbatches: int = 1) -> int:
-    """Number of microbatches each global batch is split into (lax.scan over them)."""
-    if microbatches < 1:
-        raise ValueError(f"gradient_accumulation.microbatches={microbatches} must be >= 1")
-    return microbatches
 
 
 class LossSpikeDetector:
@@ -316,11 +274,16 @@ def _fmt_time(seconds: float) -> str:
 @gin.configurable
 def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int = gin.REQUIRED,
           seed: int = 0, log_every: int = 50, mesh: jax.sharding.Mesh | None = None,
-          model_config: ModelConfig | None = None, max_consecutive_nonfinite: int = 10,
+          model: ModelFamily | None = None, microbatches: int = 1,
+          loss_weights: dict[str, float] | None = None, max_consecutive_nonfinite: int = 10,
           loss_spike_factor: float = 3.0, profile_steps: tuple[int, int] | None = None,
           eval_every: int = 0, eval_fn: Callable[[Any, int], dict] | None = None,
           init_from: str | None = None, init_include: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Trains for `num_steps`, resuming from the latest checkpoint in `work_dir`.
+    """Trains `model` (default: the gin-selected family, `model_family.name`) for `num_steps`,
+    resuming from the latest checkpoint in `work_dir`. `microbatches` > 1 accumulates
+    gradients over that many slices of each global batch (lax.scan); `loss_weights`
+    overrides the family's weights of its objective's terms (CoCa: {'contrastive': 1.0,
+    'caption': 2.0}).
 
     A new run (no checkpoint yet) with `init_from=EXPORT_DIR` starts from an export's
     weights (`simvlm_jax.export`): all of them, or only the params whose path matches
@@ -334,17 +297,17 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
     profiler if `profile_steps=(a, b)`; calls `eval_fn(params, step)` every
     `eval_every` steps. Returns a summary (final step, last metrics, checkpoint dir).
     """
-    # The data and checkpoint stacks (TensorFlow, grain, orbax) load only for training,
-    # so the model, Trainer and benchmarks import without them.
-    from simvlm_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    # The input pipeline (seqio -> TensorFlow) loads only for training, so the Trainer and
+    # the benchmarks import without TensorFlow.
     from simvlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     os.makedirs(work_dir, exist_ok=True)
-    model_config = model_config or simvlm.SimVLMConfig()
+    family = registry.family_of(model) if model is not None else registry.model_family()
     mesh = mesh or partitioning.make_mesh()
     if global_batch_size % partitioning.num_batch_shards(mesh):
         raise ValueError(f"train.global_batch_size={global_batch_size} must be divisible by the batch "
                          f"shards data*fsdp={partitioning.num_batch_shards(mesh)} of mesh {dict(mesh.shape)}")
-    trainer = Trainer(model_config, mesh, num_steps, seed)
+    trainer = Trainer(family, mesh, make_optimizer(num_steps), microbatches=microbatches,
+                      loss_weights=loss_weights, rules=partitioning.axis_rules(), seed=seed)
     data_iter = pipeline.make_train_iterator(global_batch_size=global_batch_size, seed=seed)
     manager = checkpointing.make_manager(work_dir)
     writer = MetricWriter(work_dir)
@@ -355,7 +318,6 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
         log.info("Initialized a new model (%s params) on mesh %s", f"{count_params(state.params):,}",
                  dict(mesh.shape))
         if init_from:
-            from simvlm_jax import export  # pylint: disable=g-import-not-at-top
             # Adam/Adafactor moments start at zero whatever the params: only params change.
             state = state.replace(params=export.load_params_for_training(init_from, state.params, init_include))
             log.info("Initialized params from the export %s%s", init_from,
@@ -365,9 +327,9 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
         log.info("Resumed from %s at step %d", manager.directory, start)
     writer.write_config(gin.config_str(), dict(mesh.shape), count_params(state.params))
 
-    flops_per_example = flops.train_flops_per_example(model_config)
+    flops_per_example = family.train_flops_per_example()
     peak = flops.peak_flops_per_device()
-    tokens_per_example = tokens_per_example_of(model_config)
+    tokens_per_example = family.tokens_per_example()
 
     stop = {"signal": None}
     def on_signal(signum, _):  # preemption: finish the step, checkpoint, exit
@@ -383,8 +345,7 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
             if profile_steps and step == profile_steps[0]:
                 jax.profiler.start_trace(os.path.join(work_dir, "profile"))
             host_batch = next(data_iter)
-            if trainer.is_coca:
-                check_coca_batch(host_batch)
+            family.check_batch(host_batch)
             batch = partitioning.host_batch_to_global(trainer.model_inputs(host_batch), mesh,
                                                       trainer.batch_shardings)
             state, metrics = trainer.step(state, batch)
@@ -440,25 +401,3 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
         writer.close()
     return {"step": int(jax.device_get(state.step)), "metrics": metrics_host,
             "checkpoint_dir": str(manager.directory), "state": state, "trainer": trainer}
-
-
-def check_coca_batch(batch: dict[str, Any]) -> None:
-    """CoCa reads image + whole caption: text-only rows or a PrefixLM split would silently
-    train on blank images or truncated captions, so they are an error."""
-    if "has_image" in batch and not np.all(np.asarray(batch["has_image"]) > 0):
-        raise ValueError("CoCa training got text-only examples (has_image=0): train CoCa on image-text "
-                         "tasks only (e.g. make_train_iterator.mixture_or_task_name = an image_text_task)")
-    if "prefix_tokens" in batch and np.any(np.asarray(batch["prefix_tokens"])):
-        raise ValueError("CoCa training got PrefixLM prefixes: set the image-text task's max_prefix_len=0 "
-                         "(or text_prefix_prob=0) so the whole caption is the target")
-
-
-def tokens_per_example_of(cfg: ModelConfig) -> int:
-    """Image tokens + text tokens one training example feeds the model (for tokens/s)."""
-    if isinstance(cfg, coca.CoCaConfig):
-        return cfg.num_patches + cfg.max_text_len + 1
-    return cfg.num_image_tokens + cfg.max_prefix_len + cfg.max_target_len
-
-
-def count_params(params: Any) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

@@ -67,7 +67,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simvlm_jax.models import coca, layers, simvlm
+from simvlm_jax import batching, export
+from simvlm_jax.batching import map_batches
+from simvlm_jax.cli import UserError, add_gin_args, load_gin, split_gin_args
+from simvlm_jax.data import preprocessors, sources
+from simvlm_jax.models import registry
+from simvlm_jax.models.family import ModelFamily
 
 log = logging.getLogger("simvlm_jax")
 
@@ -205,21 +210,7 @@ def format_prompts(class_names: Sequence[str], templates: Sequence[str]) -> list
     return [t.replace("{}", name) for name in class_names for t in templates]
 
 
-# ----------------------------------------------------------------------------- batching
-
-def map_batches(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch_size: int) -> np.ndarray:
-    """fn over fixed-size batches of x (the last one zero-padded: one compiled shape);
-    outputs concatenated along axis 0."""
-    batch_size = max(1, min(batch_size, len(x)))
-    outs = []
-    for start in range(0, len(x), batch_size):
-        chunk = x[start:start + batch_size]
-        n = len(chunk)
-        if n < batch_size:
-            chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-        outs.append(np.asarray(fn(chunk))[:n])
-    return np.concatenate(outs)
-
+# ----------------------------------------------------------------------------- model calls
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -229,69 +220,38 @@ def _prepare_params(params: Any) -> Any:
     return jax.device_put(nn.meta.unbox(params))
 
 
-# ----------------------------------------------------------------------------- CoCa
-
 @functools.lru_cache(maxsize=8)
-def _coca_fns(model) -> tuple[Callable, Callable]:
-
-    def image_fn(params, images):
-        return model.apply({"params": params}, images, method=model.encode_image)
-
-    def text_fn(params, targets):
-        return model.apply({"params": params}, coca.with_bos(targets, model.config.bos_id),
-                           method=model.encode_text)
-
-    return jax.jit(image_fn), jax.jit(text_fn)
+def _embed_fns(fam: ModelFamily) -> tuple[Callable, Callable]:
+    return jax.jit(fam.embed_images), jax.jit(fam.embed_texts)
 
 
-def coca_image_embeddings(model, params, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """L2-normalized image embeddings [N, E] (float32)."""
-    image_fn, _ = _coca_fns(model)
+def image_embeddings(fam: ModelFamily, params, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """L2-normalized image embeddings [N, E] (float32) of a family that embeds."""
+    image_fn, _ = _embed_fns(fam)
     return map_batches(functools.partial(image_fn, params), images, batch_size).astype(np.float32)
 
 
-def coca_text_embeddings(model, params, targets: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """L2-normalized text embeddings [N, E] of caption tokens [N, max_text_len] (ids + EOS)."""
-    _, text_fn = _coca_fns(model)
+def text_embeddings(fam: ModelFamily, params, targets: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """L2-normalized text embeddings [N, E] of target rows [N, L] (ids + EOS)."""
+    _, text_fn = _embed_fns(fam)
     return map_batches(functools.partial(text_fn, params), targets, batch_size).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------- SimVLM
-
-def _shared_image_cross_attention(next_fun, args, kwargs, context):
-    """flax interceptor: decoder cross-attention with queries [Bi*Bt, T, D] (image-major) and
-    encoder output [Bi, S, D]: the Bt captions of image i become Bt*T query positions of
-    row i (cross-attention queries do not interact), so keys/values are projected once per image."""
-    module = context.module
-    if not (isinstance(module, layers.Attention) and module.is_cross and not module.decode
-            and context.method_name == "__call__"):
-        return next_fun(*args, **kwargs)
-    x, kv, mask = args
-    rows, t, d = x.shape
-    bi = kv.shape[0]
-    out = next_fun(x.reshape(bi, (rows // bi) * t, d), kv, mask, **kwargs)
-    return out.reshape(rows, t, d)
-
-
 @functools.lru_cache(maxsize=8)
-def _simvlm_fns(model) -> tuple[Callable, Callable]:
+def _scoring_fns(fam: ModelFamily) -> tuple[Callable, Callable]:
 
-    def encode_fn(params, images, prefix_tokens):
-        has_image = jnp.ones((images.shape[0],), jnp.int32)
-        return model.apply({"params": params}, images, prefix_tokens, has_image, method=model.encode)
-
-    def loglik_fn(params, encoded, valid, targets):
-        """Sum of target-token log-probs [Bi, Bt] for every (image, caption) pair."""
-        bi, bt = encoded.shape[0], targets.shape[0]
-        tiled = jnp.tile(targets, (bi, 1))  # row i * bt + j = caption j for image i
-        with nn.intercept_methods(_shared_image_cross_attention):
-            logits = model.apply({"params": params}, simvlm.shift_right(tiled), encoded, valid,
-                                 method=model.decode)
+    def loglik_fn(params, context, targets):
+        """Sum of target-token log-probs [Bi, Bt] for every (image, caption) pair. Row
+        i * Bt + j of the decoder input is caption j for image i; the image's encoding is
+        shared by its Bt captions (`ModelFamily.caption_logits`)."""
+        bi, bt = jax.tree_util.tree_leaves(context)[0].shape[0], targets.shape[0]
+        tiled = jnp.tile(targets, (bi, 1))
+        logits = fam.caption_logits(params, context, tiled)
         target_logit = jnp.take_along_axis(logits, tiled[..., None], axis=-1)[..., 0]
         logp = target_logit - jax.nn.logsumexp(logits, axis=-1)
-        return jnp.sum(jnp.where(tiled != 0, logp, 0.0), axis=-1).reshape(bi, bt)
+        return jnp.sum(jnp.where(tiled != fam.pad_id, logp, 0.0), axis=-1).reshape(bi, bt)
 
-    return jax.jit(encode_fn), jax.jit(loglik_fn)
+    return jax.jit(fam.encode), jax.jit(loglik_fn)
 
 
 LENGTH_BUCKET = 8  # caption chunks are padded to a multiple of this many tokens
@@ -315,49 +275,36 @@ def length_sorted_chunks(targets: np.ndarray, chunk_size: int) -> tuple[np.ndarr
     return order, chunks
 
 
-def simvlm_caption_scores(model, params, images: np.ndarray, targets: np.ndarray, prompt_ids: np.ndarray,
-                          score: str = "mean", image_batch_size: int = 8,
-                          text_batch_size: int = 128) -> np.ndarray:
-    """log P(caption | image, prompt) for every pair: [N_img, N_txt] float32.
+def caption_scores(fam: ModelFamily, params, images: np.ndarray, targets: np.ndarray, prompt_ids: np.ndarray,
+                   score: str = "mean", image_batch_size: int = 8, text_batch_size: int = 128) -> np.ndarray:
+    """log P(caption | image, prompt) for every pair: [N_img, N_txt] float32, with any
+    generating family.
 
-    targets [N_txt, T]: caption ids + EOS, zero-padded; prompt_ids [max_prefix_len].
+    targets [N_txt, T]: caption ids + EOS, padded; prompt_ids: `fam.prompt_ids(...)`.
     score 'mean': per target token (EOS included); 'sum': total. Each block of
     image_batch_size x text_batch_size pairs is one jitted call (its logits take
     pairs * T * vocab * 4 bytes); each image is encoded once.
     """
     if score not in ("mean", "sum"):
         raise ValueError(f"score={score!r}; use 'mean' or 'sum'")
-    encode_fn, loglik_fn = _simvlm_fns(model)
+    encode_fn, loglik_fn = _scoring_fns(fam)
     n_img, n_txt = len(images), len(targets)
     bi, bt = max(1, min(image_batch_size, n_img)), max(1, min(text_batch_size, n_txt))
     order, chunks = length_sorted_chunks(targets, bt)
     chunks = [jax.device_put(c) for c in chunks]
-    prefix = np.tile(np.asarray(prompt_ids, np.int32), (bi, 1))
     out = np.zeros((n_img, n_txt), np.float32)
     t0 = last_log = time.time()
-    for start in range(0, n_img, bi):
-        block = images[start:start + bi]
-        n = len(block)
-        if n < bi:
-            block = np.concatenate([block, np.zeros((bi - n,) + block.shape[1:], block.dtype)])
-        encoded_valid = encode_fn(params, block, prefix)
-        sums = jax.device_get([loglik_fn(params, *encoded_valid, c) for c in chunks])  # dispatched back to back
+    for start, (block, n) in zip(range(0, n_img, bi), batching.padded_batches(images, bi)):
+        context = encode_fn(params, fam.decode_inputs(block, prompt_ids))
+        sums = jax.device_get([loglik_fn(params, context, c) for c in chunks])  # dispatched back to back
         out[start:start + n, order] = np.concatenate(sums, axis=1)[:n, :n_txt]
         if time.time() - last_log > 30:
             last_log = time.time()
             log.info("zero_shot: %d/%d images x %d texts scored (%.0f s)", start + n, n_img, n_txt,
                      last_log - t0)
     if score == "mean":
-        out /= np.maximum((targets != 0).sum(axis=1), 1)[None, :]
+        out /= np.maximum((targets != fam.pad_id).sum(axis=1), 1)[None, :]
     return out
-
-
-def _is_coca(model) -> bool:
-    if isinstance(model, coca.CoCa):
-        return True
-    if isinstance(model, simvlm.SimVLM):
-        return False
-    raise TypeError(f"zero-shot evaluation supports CoCa and SimVLM, not {type(model).__name__}")
 
 
 # ----------------------------------------------------------------------------- scores
@@ -382,29 +329,34 @@ class ZeroShotOptions:
                 raise ValueError(f"ZeroShotOptions.{f}={getattr(self, f)} must be >= 1")
 
 
-def _text_targets(model, vocab, texts: Sequence[str], opts: ZeroShotOptions) -> tuple[np.ndarray, int]:
-    cfg = model.config
-    if _is_coca(model):  # the text tower's CLS sits after max_text_len positions, as in training
-        return tokenize_captions(vocab, texts, cfg.max_text_len, True, opts.lowercase, cfg.eos_id)
-    return tokenize_captions(vocab, texts, cfg.max_target_len, False, opts.lowercase)
+def _text_targets(fam: ModelFamily, vocab, texts: Sequence[str], opts: ZeroShotOptions) -> tuple[np.ndarray, int]:
+    max_len, pad_to_max = fam.target_layout()
+    return tokenize_captions(vocab, texts, max_len, pad_to_max, opts.lowercase, fam.eos_id)
+
+
+def _family(model) -> ModelFamily:
+    fam = registry.family_of(model)
+    if not (fam.can_embed or fam.can_generate):
+        raise ValueError(f"zero-shot evaluation needs a model that embeds or generates; {fam.name} does neither")
+    return fam
 
 
 def similarity_matrix(model, params, vocab, images: np.ndarray, texts: Sequence[str],
                       opts: ZeroShotOptions | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """(scores [N_img, N_txt], info): CoCa cosine similarity or SimVLM caption log-likelihood."""
+    """(scores [N_img, N_txt], info): cosine similarity of embeddings (families that embed,
+    e.g. CoCa), else caption log-likelihood (e.g. SimVLM)."""
     opts = opts or ZeroShotOptions()
+    fam = _family(model)
     params = _prepare_params(params)
-    targets, truncated = _text_targets(model, vocab, texts, opts)
-    info: dict[str, Any] = {"model": type(model).__name__, "num_truncated_texts": truncated}
-    if _is_coca(model):
-        img = coca_image_embeddings(model, params, images, opts.batch_size)
-        txt = coca_text_embeddings(model, params, targets, opts.text_batch_size)
+    targets, truncated = _text_targets(fam, vocab, texts, opts)
+    info: dict[str, Any] = {"model": type(fam.module).__name__, "num_truncated_texts": truncated}
+    if fam.can_embed:
+        img = image_embeddings(fam, params, images, opts.batch_size)
+        txt = text_embeddings(fam, params, targets, opts.text_batch_size)
         return img @ txt.T, info
-    from simvlm_jax import decoding  # pylint: disable=g-import-not-at-top
-    prompt_ids = decoding.encode_prompt(vocab, opts.prompt, model.config.max_prefix_len)
     info.update(score=opts.score, prompt=opts.prompt)
-    return simvlm_caption_scores(model, params, images, targets, prompt_ids, opts.score,
-                                 opts.pair_image_batch_size, opts.pair_text_batch_size), info
+    return caption_scores(fam, params, images, targets, fam.prompt_ids(vocab, opts.prompt), opts.score,
+                          opts.pair_image_batch_size, opts.pair_text_batch_size), info
 
 
 def class_scores(model, params, vocab, images: np.ndarray, class_names: Sequence[str],
@@ -412,17 +364,18 @@ def class_scores(model, params, vocab, images: np.ndarray, class_names: Sequence
                  opts: ZeroShotOptions | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """(scores [N_img, num_classes], info) with prompt-template ensembling (see module doc)."""
     opts = opts or ZeroShotOptions()
+    fam = _family(model)
     prompts = format_prompts(class_names, templates)
     c, m = len(class_names), len(templates)
-    if not _is_coca(model):
-        scores, info = similarity_matrix(model, params, vocab, images, prompts, opts)
+    if not fam.can_embed:
+        scores, info = similarity_matrix(fam, params, vocab, images, prompts, opts)
         return scores.reshape(len(images), c, m).mean(axis=2), info
     params = _prepare_params(params)
-    targets, truncated = _text_targets(model, vocab, prompts, opts)
-    txt = coca_text_embeddings(model, params, targets, opts.text_batch_size)
+    targets, truncated = _text_targets(fam, vocab, prompts, opts)
+    txt = text_embeddings(fam, params, targets, opts.text_batch_size)
     class_emb = _l2_normalize(txt.reshape(c, m, -1).mean(axis=1))
-    img = coca_image_embeddings(model, params, images, opts.batch_size)
-    return img @ class_emb.T, {"model": type(model).__name__, "num_truncated_texts": truncated}
+    img = image_embeddings(fam, params, images, opts.batch_size)
+    return img @ class_emb.T, {"model": type(fam.module).__name__, "num_truncated_texts": truncated}
 
 
 def zero_shot_retrieval(model, params, vocab, images: np.ndarray, texts: Sequence[str],
@@ -450,7 +403,6 @@ def load_captioned_images(annotations: str, image_dir: str, image_size: int, spl
                           max_images: int | None = None) -> tuple[np.ndarray, list[str], np.ndarray, int]:
     """(images [N, S, S, 3] uint8, captions, text_to_image [N_txt], number of unreadable images)
     from a COCO captions / Karpathy json + image folder (`sources.CocoCaptionsSource`)."""
-    from simvlm_jax.data import preprocessors, sources  # pylint: disable=g-import-not-at-top
     splits = split.split(",") if split else None
     src = sources.CocoCaptionsSource(annotations, image_dir, splits)
     decode = preprocessors.DecodeImage(image_size)
@@ -474,7 +426,6 @@ def load_image_folder(root: str, image_size: int, max_per_class: int | None = No
                       ) -> tuple[np.ndarray, np.ndarray, list[str], int]:
     """(images, labels, class folder names (sorted), number of unreadable files) of an
     ImageFolder tree root/<class>/<image>."""
-    from simvlm_jax.data import preprocessors  # pylint: disable=g-import-not-at-top
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder not found: {root}")
     classes = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
@@ -519,11 +470,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--templates", help="classify: file, one prompt template with '{}' per line")
     p.add_argument("--score", choices=("mean", "sum"), help="SimVLM: per-token mean (default) or sum log-lik")
     p.add_argument("--prompt", help="SimVLM: encoder text prefix (default '')")
-    p.add_argument("--gin_file", action="append", default=[], help="gin file(s) with option bindings")
+    add_gin_args(p)
     p.add_argument("--output", help="also write the metrics JSON here")
     args, rest = p.parse_known_args(argv)
-    bindings = [r[len("--gin."):] for r in rest if r.startswith("--gin.") and "=" in r]
-    unknown = [r for r in rest if not (r.startswith("--gin.") and "=" in r)]
+    bindings, unknown = split_gin_args(rest)
     if unknown:
         p.error(f"unknown argument(s): {' '.join(unknown)}")
     if args.mode == "retrieval" and not args.annotations:
@@ -558,27 +508,20 @@ def run(args: argparse.Namespace, model, params, vocab, opts: ZeroShotOptions) -
     return {"mode": args.mode, **metrics, "num_unreadable_images": skipped}
 
 
-def _parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
-    for f in files:
-        if not os.path.exists(f):
-            raise FileNotFoundError(f"gin file not found: {f}")
-    try:
-        gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
-    except (ValueError, KeyError, SyntaxError) as e:
-        raise ValueError(f"bad gin config: {' '.join(str(e).split())[:400]}") from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args, bindings = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        args, bindings = parse_args(list(sys.argv[1:] if argv is None else argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
-        _parse_gin(args.gin_file, bindings)
+        load_gin(args.gin_file, bindings, args.gin_search_path)
         opts = options_from_args(args)
-        from simvlm_jax import export  # pylint: disable=g-import-not-at-top  (heavy: seqio)
         model, params, vocab = export.load_export(args.export_dir)
         result = run(args, model, params, vocab, opts)
-    except (FileNotFoundError, ValueError, TypeError) as e:
+    except (UserError, FileNotFoundError, ValueError, TypeError) as e:
         if os.environ.get("SIMVLM_DEBUG"):
             raise
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

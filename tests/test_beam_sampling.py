@@ -88,8 +88,12 @@ class Setup:
             "image": images, "prefix_tokens": prefix, "has_image": has_image,
             "target_tokens": jnp.asarray(tokens, jnp.int32)}))
 
+    def decode_inputs(self, inputs=None):
+        images, prefix, has_image = inputs or self.inputs
+        return {"image": images, "prefix_tokens": prefix, "has_image": has_image}
+
     def run(self, fn, **kw):
-        return fn(self.params, *self.inputs, **{**self.defaults[fn], **kw})
+        return fn(self.params, self.decode_inputs(), **{**self.defaults[fn], **kw})
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +208,7 @@ def test_beam_search_scan_layers_matches_unrolled(s):
     beam = jax.jit(functools.partial(decoding.beam_search, scanned, num_beams=4))
     for alpha in (0.0, 1.0):
         want_tokens, want_scores = s.run(s.beam, num_beams=4, length_penalty=alpha, eos_id=eos)
-        tokens, scores = beam(params, *s.inputs, length_penalty=alpha, eos_id=eos)
+        tokens, scores = beam(params, s.decode_inputs(), length_penalty=alpha, eos_id=eos)
         np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want_tokens))
         np.testing.assert_allclose(np.asarray(scores), np.asarray(want_scores), rtol=1e-5, atol=1e-5)
 
@@ -322,7 +326,7 @@ def test_sampling_limits_equal_greedy(s):
         np.testing.assert_array_equal(out, greedy, err_msg=str(kw))
     # A Python temperature of 0 takes the static greedy path.
     static = jax.jit(functools.partial(decoding.sample_decode, s.model, temperature=0.0))
-    np.testing.assert_array_equal(np.asarray(static(s.params, *s.inputs, key, eos_id=eos)), greedy)
+    np.testing.assert_array_equal(np.asarray(static(s.params, s.decode_inputs(), key, eos_id=eos)), greedy)
 
 
 def test_sampling_is_deterministic_per_rng(s):

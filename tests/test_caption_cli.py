@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import PYTHON, REPO_ROOT, tiny_config
 from simvlm_jax import caption, decoding, export
 from simvlm_jax.data import preprocessors, tokenizer
-from simvlm_jax.models import simvlm
+from simvlm_jax.models import family, simvlm
 
 SENTENCES = [
     "a picture of a red square on a blue background",
@@ -169,14 +169,15 @@ def test_caption_arrays_matches_direct_decoding(bundle, loaded):
     np.testing.assert_array_equal(caption.load_image(p["b.jpg"], 32), images[1])   # grayscale jpg
     with pytest.raises(Exception):
         caption.load_image(p["broken.jpg"], 32)
-    prompt = caption.encode_prompt(vocab, "a picture of", model.config.max_prefix_len)
+    prompt = family.encode_prompt(vocab, "a picture of", model.config.max_prefix_len)
     assert np.count_nonzero(prompt) >= 3  # the prompt is really encoded
     # Batches of 3: [a, b, c], [d, pad, pad].
-    fn = jax.jit(lambda *a: decoding.beam_search(model, *a, num_beams=2, max_len=6))
+    fn = jax.jit(lambda p, inputs: decoding.beam_search(model, p, inputs, num_beams=2, max_len=6))
     padded = np.concatenate([images, np.zeros_like(images[:2])])
     direct = []
     for start in (0, 3):
-        tokens, _ = fn(params, padded[start:start + 3], np.tile(prompt, (3, 1)), np.ones(3, np.int32))
-        direct += [caption.tokens_to_text(vocab, row) for row in np.asarray(tokens)]
+        tokens, _ = fn(params, {"image": padded[start:start + 3], "prefix_tokens": np.tile(prompt, (3, 1)),
+                                "has_image": np.ones(3, np.int32)})
+        direct += [decoding.tokens_to_text(vocab, row) for row in np.asarray(tokens)]
     assert direct[:4] == want
     assert any(len(c.split()) >= 1 for c in want), want

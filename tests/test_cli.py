@@ -91,7 +91,7 @@ def test_end_to_end_prepare_train_eval_export(tmp_path):
     assert (cfg.width, cfg.num_heads, cfg.image_size, cfg.max_target_len) == (128, 4, 64, 20)
     assert vocab.vocab_size <= cfg.vocab_size
     mesh = partitioning.make_mesh(data=4, fsdp=2)
-    trainer = train.Trainer(cfg, mesh, total_steps=1)
+    trainer = train.Trainer(cfg, mesh, train.make_optimizer(1))
     manager = checkpointing.make_manager(str(work_dir), async_save=False)
     restored, step = checkpointing.restore(manager, trainer.abstract_state, None)
     assert step == 3 and summary["checkpoint_dir"] == str(manager.directory)

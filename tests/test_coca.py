@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from simvlm_jax import partitioning
-from simvlm_jax.models import coca
+from simvlm_jax import losses, partitioning
+from simvlm_jax.models import coca, family
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = 4
@@ -53,7 +53,7 @@ def random_params(cfg, seed=0):
             return jnp.asarray(math.log(1 / 0.07), jnp.float32)
         base = 1.0 if name == "scale" else 0.0
         return jnp.asarray(base + 0.1 * rng.standard_normal(x.shape), jnp.float32)
-    return jax.tree_util.tree_map_with_path(leaf, nn.meta.unbox(coca.abstract_params(cfg)))
+    return jax.tree_util.tree_map_with_path(leaf, nn.meta.unbox(coca.CoCaFamily(cfg).abstract_params()))
 
 
 def batch8(cfg):
@@ -61,8 +61,13 @@ def batch8(cfg):
     return jax.tree_util.tree_map(lambda x: jnp.concatenate([x, x[::-1]], 0), b)
 
 
+PAPER_WEIGHTS = {"contrastive": 1.0, "caption": 2.0}  # the paper's lambda_con, lambda_cap
+
+
 def loss_fn(model, params, batch, mesh=None):
-    return coca.coca_loss(model.apply({"params": params}, batch), batch["target_tokens"], mesh=mesh)[0]
+    batch_axes = partitioning.batch_mesh_axes(mesh) if mesh is not None else ()
+    return losses.contrastive_caption_objective(model.apply({"params": params}, batch), batch["target_tokens"],
+                                                weights=PAPER_WEIGHTS, mesh=mesh, batch_axes=batch_axes).value
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +100,7 @@ def _set(params, path, fn):
 @pytest.mark.parametrize("overrides", [{}, dict(scan_layers=True), OPEN_CLIP, dict(OPEN_CLIP, scan_layers=True)],
                          ids=["paper", "paper-scan", "open_clip", "open_clip-scan"])
 def test_every_param_has_logical_axes(overrides):
-    boxed = coca.abstract_params(tiny(**overrides))
+    boxed = coca.CoCaFamily(tiny(**overrides)).abstract_params()
     leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     assert len(leaves) > 20
     for path, leaf in leaves:
@@ -228,7 +233,7 @@ def test_scan_and_remat_match_unrolled(overrides):
             out[base] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[v for _, v in sorted(items)])
         return out
     scan_params = stack(params)
-    expected = jax.tree_util.tree_map(lambda x: x.shape, nn.meta.unbox(coca.abstract_params(scan_cfg)))
+    expected = jax.tree_util.tree_map(lambda x: x.shape, nn.meta.unbox(coca.CoCaFamily(scan_cfg).abstract_params()))
     assert jax.tree_util.tree_map(lambda x: x.shape, scan_params) == expected
     out = jax.jit(coca.CoCa(scan_cfg).apply)({"params": scan_params}, batch)
     for k in ("image_embed", "text_embed", "logits"):
@@ -270,14 +275,17 @@ def test_coca_loss_matches_reference_and_clips_temperature(paper):
     cfg, _, params, apply = paper
     batch = make_batch(cfg)
     out = apply(params, batch)
-    loss, m = coca.coca_loss(out, batch["target_tokens"], lambda_con=1.0, lambda_cap=2.0)
+    obj = losses.contrastive_caption_objective(out, batch["target_tokens"],
+                                               weights={"contrastive": 1.0, "caption": 2.0})
+    loss, m = obj.value, obj.sums
     ref, con, cap = _reference_loss(out["image_embed"], out["text_embed"], float(out["logit_scale"]),
                                     out["logits"], batch["target_tokens"], 1.0, 2.0)
     assert float(loss) == pytest.approx(ref, rel=1e-5)
     assert float(m["contrastive_loss"]) == pytest.approx(con, rel=1e-5)
     assert float(m["caption_loss"]) == pytest.approx(cap, rel=1e-5)
     assert float(m["num_target_tokens"]) == sum(LENGTHS)
-    loss2, _ = coca.coca_loss(out, batch["target_tokens"], lambda_con=0.5, lambda_cap=3.0)
+    loss2 = losses.contrastive_caption_objective(out, batch["target_tokens"],
+                                                 weights={"contrastive": 0.5, "caption": 3.0}).value
     assert float(loss2) == pytest.approx(0.5 * con + 3.0 * cap, rel=1e-5)
     # The temperature is learnable and clipped at logit scale 100.
     big = apply(dict(params, logit_scale=jnp.asarray(math.log(1000.0))), batch)
@@ -294,19 +302,19 @@ def _mesh(shape, names):
 
 
 def test_sharded_loss_and_grads_equal_unsharded(paper, paper_grads):
-    """Full model + coca_loss on a data=4 x fsdp=2 mesh (params sharded by their logical axes,
+    """Full model + the CoCa objective on a data=4 x fsdp=2 mesh (params sharded by their logical axes,
     contrastive loss by shard_map) == the single-device computation, values and gradients."""
     cfg, model, params, _ = paper
     ref_loss, ref_grads = paper_grads
 
     mesh = _mesh((4, 2, 1), partitioning.MESH_AXES)
     with partitioning.activate(mesh):
-        specs = partitioning.logical_specs(coca.abstract_params(cfg))
+        specs = partitioning.logical_specs(coca.CoCaFamily(cfg).abstract_params())
         shardings = partitioning.fit_to_shapes(partitioning.logical_to_sharding(specs, mesh), params)
         p_sh = jax.device_put(params, shardings)
         b_sh = {k: jax.device_put(v, partitioning.batch_sharding(mesh, v.ndim)) for k, v in batch8(cfg).items()}
         loss, grads = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(model, p, b, mesh)))(p_sh, b_sh)
-    assert coca.batch_axes_of(mesh) == ("data", "fsdp")
+    assert partitioning.batch_mesh_axes(mesh) == ("data", "fsdp")
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
                                                                    rtol=1e-3, atol=2e-5), grads, ref_grads)
@@ -318,7 +326,7 @@ def _naive_all_gather_loss(mesh):
     def local(img, txt, s):
         ia = jax.lax.all_gather(img, "data", tiled=True)
         ta = jax.lax.all_gather(txt, "data", tiled=True)
-        return coca._local_contrastive_sum(ia, ta, s, None) / (2 * ia.shape[0])  # pylint: disable=protected-access
+        return losses._local_contrastive_sum(ia, ta, s, None) / (2 * ia.shape[0])  # pylint: disable=protected-access
     return jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data"), P()), out_specs=P(), check_vma=False)
 
 
@@ -332,7 +340,7 @@ def test_contrastive_loss_memory_is_linear_in_device_count():
         mesh = _mesh((n,), ("data",))
         emb = jax.ShapeDtypeStruct((n * b, e), jnp.float32, sharding=NamedSharding(mesh, P("data")))
         scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
-        fns = {"ours": lambda i, t, s, mesh=mesh: coca.contrastive_loss(i, t, s, mesh=mesh, batch_axes=("data",)),
+        fns = {"ours": lambda i, t, s, mesh=mesh: losses.contrastive_loss(i, t, s, mesh=mesh, batch_axes=("data",)),
                "naive": _naive_all_gather_loss(mesh)}
         for name, fn in fns.items():
             compiled = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2))).lower(emb, emb, scale).compile()
@@ -353,9 +361,9 @@ def test_sharded_contrastive_loss_equals_dense_formula():
     img /= np.linalg.norm(img, axis=1, keepdims=True)
     txt /= np.linalg.norm(txt, axis=1, keepdims=True)
     mesh = _mesh((8,), ("data",))
-    f = lambda i, t, s: coca.contrastive_loss(i, t, s, mesh=mesh, batch_axes=("data",))
+    f = lambda i, t, s: losses.contrastive_loss(i, t, s, mesh=mesh, batch_axes=("data",))
     val, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(img, txt, jnp.float32(10.0))
-    ref_val, ref_grads = jax.value_and_grad(lambda i, t, s: coca.contrastive_loss(i, t, s), argnums=(0, 1, 2))(
+    ref_val, ref_grads = jax.value_and_grad(lambda i, t, s: losses.contrastive_loss(i, t, s), argnums=(0, 1, 2))(
         img, txt, jnp.float32(10.0))
     ref, _, _ = _reference_loss(img, txt, 10.0, np.zeros((1, 1, 2)), np.ones((1, 1), np.int32), 1.0, 0.0)
     assert float(val) == pytest.approx(ref, rel=1e-5) and float(ref_val) == pytest.approx(ref, rel=1e-5)
@@ -369,16 +377,16 @@ def test_sharded_contrastive_loss_equals_dense_formula():
 def test_paper_config_param_counts(name, expected, clean_gin):
     """Paper Table 1 sizes (which count encoder + decoder; the poolers add ~1%)."""
     gin.parse_config_file(os.path.join(REPO, "gin", "models", f"{name}.gin"))
-    params = nn.meta.unbox(coca.abstract_params(coca.CoCaConfig()))
-    total = coca.count_params(params)
+    params = nn.meta.unbox(coca.CoCaFamily(coca.CoCaConfig()).abstract_params())
+    total = family.count_params(params)
     assert abs(total - expected) / expected < 0.02, total
-    without_poolers = total - coca.count_params(params["pooler"])
+    without_poolers = total - family.count_params(params["pooler"])
     assert abs(without_poolers - expected) / expected < 0.005, without_poolers
 
 
 def test_2b_and_tiny_configs_build(clean_gin):
     gin.parse_config_file(os.path.join(REPO, "gin", "models", "coca_2b.gin"))
-    total = coca.count_params(nn.meta.unbox(coca.abstract_params(coca.CoCaConfig())))
+    total = family.count_params(nn.meta.unbox(coca.CoCaFamily(coca.CoCaConfig()).abstract_params()))
     assert 2.0e9 < total < 2.3e9, total
     gin.clear_config()
     gin.parse_config_file(os.path.join(REPO, "gin", "models", "coca_tiny.gin"))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from simvlm_jax import decoding, partitioning, train
-from simvlm_jax.models import coca, simvlm
+from simvlm_jax.models import coca, family, simvlm
 
 TINY = dict(vocab_size=50, image_size=32, patch_size=16, encoder_width=32, encoder_layers=1, encoder_heads=2,
             encoder_mlp_dim=64, decoder_width=32, unimodal_layers=2, multimodal_layers=2, decoder_heads=2,
@@ -48,12 +48,13 @@ def test_cached_decoding_equals_recomputing_the_whole_caption(overrides):
     imgs = images()
     none = jnp.zeros((3, 0), jnp.int32)
     has = jnp.ones((3,), jnp.int32)
-    cached = jax.jit(functools.partial(decoding.greedy_decode, model, eos_id=EOS))(params, imgs, none, has)
-    ref = jax.jit(functools.partial(decoding.greedy_decode_no_cache, model, eos_id=EOS))(params, imgs, none, has)
+    inputs = {"image": imgs, "prefix_tokens": none, "has_image": has}
+    cached = jax.jit(functools.partial(decoding.greedy_decode, model, eos_id=EOS))(params, inputs)
+    ref = jax.jit(functools.partial(decoding.greedy_decode_no_cache, model, eos_id=EOS))(params, inputs)
     np.testing.assert_array_equal(np.asarray(cached), np.asarray(ref))
     assert cached.shape == (3, cfg.max_text_len)
     assert len(set(map(tuple, np.asarray(cached).tolist()))) > 1  # the image matters
-    beam1, _ = decoding.beam_search(model, params, imgs, none, has, num_beams=1, length_penalty=0.0, eos_id=EOS)
+    beam1, _ = decoding.beam_search(model, params, inputs, num_beams=1, length_penalty=0.0, eos_id=EOS)
     np.testing.assert_array_equal(np.asarray(beam1), np.asarray(cached))
 
 
@@ -83,12 +84,13 @@ def test_beam_scores_match_teacher_forcing_and_make_decoder_uses_config_eos():
     model, params = sharp_params(cfg, seed=2)
     imgs = images(4, seed=3)
     none, has = jnp.zeros((4, 0), jnp.int32), jnp.ones((4,), jnp.int32)
-    greedy = decoding.make_decoder(model)(params, imgs, none, has)
+    inputs = {"image": imgs, "prefix_tokens": none, "has_image": has}
+    greedy = decoding.make_decoder(model)(params, inputs)
     # make_decoder ends captions at CoCaConfig.eos_id: nothing follows a 7.
     for row in np.asarray(greedy):
         if 7 in row.tolist():
             assert not row[row.tolist().index(7) + 1:].any()
-    beam, beam_scores = decoding.beam_search(model, params, imgs, none, has, num_beams=4, length_penalty=0.0,
+    beam, beam_scores = decoding.beam_search(model, params, inputs, num_beams=4, length_penalty=0.0,
                                              eos_id=7)
     np.testing.assert_allclose(np.asarray(beam_scores), _sequence_logp(model, params, imgs, np.asarray(beam), cfg, 7),
                                rtol=1e-4, atol=1e-4)
@@ -127,9 +129,9 @@ def make_trainer(cfg, mesh_shape, microbatches=1, contrastive_weight=1.0, **opt)
     gin.clear_config()
     for k, v in dict(learning_rate=3e-3, warmup_steps=1, **opt).items():
         gin.bind_parameter(f"make_optimizer.{k}", v)
-    gin.bind_parameter("coca_loss_weights.contrastive", contrastive_weight)
     mesh = partitioning.make_mesh(**mesh_shape)
-    return train.Trainer(cfg, mesh, total_steps=20, microbatches=microbatches)
+    return train.Trainer(cfg, mesh, train.make_optimizer(20), microbatches=microbatches,
+                         loss_weights={"contrastive": contrastive_weight})
 
 
 def run_steps(trainer, batches):
@@ -189,8 +191,8 @@ def test_frozen_encoder_training_keeps_the_encoder_and_has_no_optimizer_state_fo
                                      state.params["pooler"], init_pooler)
     assert all(jax.tree_util.tree_leaves(changed))
     # No Adam moments for the frozen encoder: the optimizer state is smaller than 2x params.
-    n_params = train.count_params(state.params)
-    n_visual = train.count_params(state.params["visual"])
+    n_params = family.count_params(state.params)
+    n_visual = family.count_params(state.params["visual"])
     n_opt = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.opt_state) if hasattr(x, "shape"))
     assert n_opt <= 2 * (n_params - n_visual) + 64
     assert metrics[-1]["loss"] < metrics[0]["loss"]
@@ -224,10 +226,10 @@ def test_conv_stem_config_errors_name_the_field():
 def test_coca_batches_with_text_only_rows_or_prefixes_are_refused():
     cfg = tiny()
     ok = coca_batch(cfg, batch_size=4)
-    train.check_coca_batch(ok)
+    coca.CoCaFamily(cfg).check_batch(ok)
     text_only = dict(ok, has_image=np.asarray([1, 0, 1, 1], np.int32))
     with pytest.raises(ValueError, match="image-text"):
-        train.check_coca_batch(text_only)
+        coca.CoCaFamily(cfg).check_batch(text_only)
     prefixed = dict(ok, prefix_tokens=np.asarray([[0, 0], [5, 0], [0, 0], [0, 0]], np.int32))
     with pytest.raises(ValueError, match="max_prefix_len=0"):
-        train.check_coca_batch(prefixed)
+        coca.CoCaFamily(cfg).check_batch(prefixed)

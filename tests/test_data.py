@@ -6,6 +6,7 @@ import io
 import os
 import tarfile
 
+import grain
 import numpy as np
 import pytest
 import seqio
@@ -358,8 +359,14 @@ def _add(tar, name, data):
     tar.addfile(info, io.BytesIO(data))
 
 
-def test_pipeline_drops_bad_samples_and_keeps_going(vocab, tmp_path):
-    shard = tmp_path / "mixed.tar"
+# The mixed shard's records in order: a good sample (None) or the reason a bad one is skipped for.
+MIXED_SHARD = ("good0", "good1", "image_decode_error", "missing_image", "caption_empty", "caption_not_utf8",
+               "good2")
+
+
+def _mixed_shard_task(vocab, tmp_path, name):
+    """Registers task `name` over one tar shard laid out as MIXED_SHARD; returns the good captions."""
+    shard = tmp_path / f"{name}.tar"
     good = [synthetic.make_sample(0, "train", i, image_size=DATA_IMAGE_SIZE) for i in range(4)]
     with tarfile.open(shard, "w") as tar:
         for i, (jpg, cap, _) in enumerate(good[:2]):
@@ -375,21 +382,69 @@ def test_pipeline_drops_bad_samples_and_keeps_going(vocab, tmp_path):
         _add(tar, "badutf.txt", b"\xff\xff")
         _add(tar, "good2.jpg", good[3][0])
         _add(tar, "good2.txt", good[3][1].encode())
-    tasks.image_text_task(name="test_bad_data", shards={"train": str(shard)}, image_size=DATA_IMAGE_SIZE,
+    tasks.image_text_task(name=name, shards={"train": str(shard)}, image_size=DATA_IMAGE_SIZE,
                           max_prefix_len=8, max_target_len=24, text_prefix_prob=0.0, vocabulary=vocab)
+    assert seqio.get_mixture_or_task(name).source.num_input_examples("train") == len(MIXED_SHARD)
+    return [good[0][1], good[1][1], good[3][1]]
+
+
+def _delta(before, after):
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+
+
+def test_pipeline_drops_bad_samples_and_keeps_going(vocab, tmp_path):
+    captions = _mixed_shard_task(vocab, tmp_path, "test_bad_data")
     task = seqio.get_mixture_or_task("test_bad_data")
-    assert task.source.num_input_examples("train") == 7
     before = pp.skipped_counts()
     ds = pipeline.task_dataset(task, "train", seed=0, shuffle=False, repeat=False)
     examples = list(ds.to_iter_dataset())
-    after = pp.skipped_counts()
     got = [_nonzero(e["target_tokens"]) for e in examples]
-    want = [list(vocab.encode(c)) + [1] for c in (good[0][1], good[1][1], good[3][1])]
-    assert got == want
-    for reason, n in (("image_decode_error", 1), ("missing_image", 1), ("caption_empty", 1),
-                      ("caption_not_utf8", 1)):
-        assert after.get(reason, 0) - before.get(reason, 0) == n, reason
-    assert pipeline.skipped_counts() == pp.skipped_counts()
+    assert got == [list(vocab.encode(c)) + [1] for c in captions]
+    want = {r: 1 for r in MIXED_SHARD if not r.startswith("good")}
+    assert _delta(before, pp.skipped_counts()) == want
+    # The trainer's view: pipeline.skipped_counts() reads the same counters.
+    assert _delta(before, pipeline.skipped_counts()) == want
+
+
+def _skips_before_good(order, n_good):
+    """Skip counts over the stream positions before the `n_good`-th good example (the elements
+    `n_good / batch` batches consumed); `order[p]` = the MIXED_SHARD index at position p."""
+    counts, seen, p = {}, 0, 0
+    while seen < n_good:
+        record = MIXED_SHARD[order[p]]
+        if record.startswith("good"):
+            seen += 1
+        else:
+            counts[record] = counts.get(record, 0) + 1
+        p += 1
+    return counts
+
+
+def test_skipped_counts_are_exact_with_grain_workers(vocab, tmp_path):
+    """With 2 grain worker processes, pipeline.skipped_counts() in this (the trainer's) process
+    counts exactly the bad samples before the batches read, by reason; batches equal the
+    worker-free pipeline's, bad data included."""
+    name = "test_bad_data_workers"
+    captions = dict(zip(("good0", "good1", "good2"), _mixed_shard_task(vocab, tmp_path, name)))
+    # Independent oracle: the pipeline's per-epoch shuffle of the 7 records, rebuilt from its seed.
+    order = grain.MapDataset.range(len(MIXED_SHARD)).seed(pipeline._task_seed(0, name)).shuffle().repeat()  # pylint: disable=protected-access
+    good_order = [MIXED_SHARD[order[p]] for p in range(60) if MIXED_SHARD[order[p]].startswith("good")]
+    batch, steps = 2, 6  # batches straddle epochs (3 good samples each)
+    runs = {}
+    for workers in (2, 0):
+        before = pipeline.skipped_counts()
+        it = _iter(name, global_batch_size=batch, worker_count=workers)
+        runs[workers] = []
+        for step in range(1, steps + 1):
+            runs[workers].append(next(it))
+            want = _skips_before_good(order, step * batch)
+            assert _delta(before, pipeline.skipped_counts()) == want, (workers, step)
+            got = [vocab.decode([int(t) for t in row if t > 1]) for row in runs[workers][-1]["target_tokens"]]
+            assert got == [captions[g] for g in good_order[(step - 1) * batch: step * batch]], (workers, step)
+        it.close()
+    assert sum(_skips_before_good(order, steps * batch).values()) >= 8  # the test saw bad data
+    for a, b in zip(runs[2], runs[0]):
+        _assert_batches_equal(a, b)
 
 
 # ----------------------------------------------------------------------------- fast image path

@@ -80,8 +80,8 @@ def test_kv_cache_decode_equals_no_cache_decode(setup):
     cfg, _, params, cached, reference = setup
     images, prefix, has_image = _prompts(cfg)
     # eos_id=-1: never stop, so every position is compared.
-    fast = np.asarray(cached(params, images, prefix, has_image, eos_id=-1))
-    slow = np.asarray(reference(params, images, prefix, has_image, eos_id=-1))
+    fast = np.asarray(cached(params, dict(image=images, prefix_tokens=prefix, has_image=has_image), eos_id=-1))
+    slow = np.asarray(reference(params, dict(image=images, prefix_tokens=prefix, has_image=has_image), eos_id=-1))
     assert fast.shape == slow.shape == (4, MAX_LEN)
     # The comparison is only meaningful if the model emits varied sequences.
     assert len(np.unique(slow)) >= 8, slow
@@ -103,7 +103,7 @@ def test_decode_matches_teacher_forced_argmax(setup):
     """The reference decoder's tokens are the argmax of a full forward pass on its own output."""
     cfg, model, params, _, reference = setup
     images, prefix, has_image = _prompts(cfg)
-    tokens = reference(params, images, prefix, has_image, eos_id=-1)
+    tokens = reference(params, dict(image=images, prefix_tokens=prefix, has_image=has_image), eos_id=-1)
     logits = jax.jit(model.apply)({"params": params}, {"image": images, "prefix_tokens": prefix,
                                                        "has_image": has_image, "target_tokens": tokens})
     np.testing.assert_array_equal(np.asarray(jnp.argmax(logits.at[..., 0].set(-jnp.inf), -1)),
@@ -113,7 +113,7 @@ def test_decode_matches_teacher_forced_argmax(setup):
 def test_eos_handling(setup):
     cfg, _, params, cached, reference = setup
     images, prefix, has_image = _prompts(cfg)
-    raw = np.asarray(reference(params, images, prefix, has_image, eos_id=-1))
+    raw = np.asarray(reference(params, dict(image=images, prefix_tokens=prefix, has_image=has_image), eos_id=-1))
     # Use a token that the model emits mid-sequence in some (not all) rows as "EOS".
     candidates = [t for t in np.unique(raw[:, 1:-1])
                   if 0 < sum(t in row[1:-1] for row in raw) < len(raw)]
@@ -126,25 +126,49 @@ def test_eos_handling(setup):
             row[hits[0] + 1:] = 0  # the EOS is kept, everything after it is 0
     assert np.any(expected == 0)
     for fn in (cached, reference):
-        out = np.asarray(fn(params, images, prefix, has_image, eos_id=eos))
+        out = np.asarray(fn(params, dict(image=images, prefix_tokens=prefix, has_image=has_image), eos_id=eos))
         np.testing.assert_array_equal(out, expected)
     # Shorter max_len: a prefix of the full decode.
-    out = np.asarray(cached(params, images, prefix, has_image, max_len=5, eos_id=-1))
+    out = np.asarray(cached(params, dict(image=images, prefix_tokens=prefix, has_image=has_image), max_len=5, eos_id=-1))
     np.testing.assert_array_equal(out, raw[:, :5])
 
 
 def test_every_row_ending_at_step_0_gives_eos_then_zeros(setup):
     cfg, _, params, cached, reference = setup
     images, prefix, has_image = _prompts(cfg)
-    raw = np.asarray(reference(params, images, prefix, has_image, eos_id=-1))
+    raw = np.asarray(reference(params, dict(image=images, prefix_tokens=prefix, has_image=has_image), eos_id=-1))
     rows = jnp.asarray([2, 2, 2, 2])  # the same example 4 times; its first token is the EOS
     for fn in (cached, reference):
-        out = np.asarray(fn(params, images[rows], prefix[rows], has_image[rows], eos_id=int(raw[2, 0])))
+        out = np.asarray(fn(params, dict(image=images[rows], prefix_tokens=prefix[rows], has_image=has_image[rows]), eos_id=int(raw[2, 0])))
         np.testing.assert_array_equal(out[:, 0], raw[2, 0])
         np.testing.assert_array_equal(out[:, 1:], 0)
 
 
 def test_finalize_zeroes_after_first_eos():
     tokens = jnp.asarray([[5, 1, 7, 1, 9], [5, 6, 7, 8, 9], [1, 3, 3, 3, 3]])
-    np.testing.assert_array_equal(np.asarray(decoding._finalize(tokens, 1)),
+    np.testing.assert_array_equal(np.asarray(decoding._finalize(tokens, 1, 0)),
                                   [[5, 1, 0, 0, 0], [5, 6, 7, 8, 9], [1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(decoding._finalize(tokens, 1, 4)),
+                                  [[5, 1, 4, 4, 4], [5, 6, 7, 8, 9], [1, 4, 4, 4, 4]])
+
+
+def test_decoders_block_and_pad_with_the_models_pad_id():
+    """Id 0 is a real token when the model's pad id is another (CLIP BPE: id 0 is '!'): it may
+    be generated; the pad id never is, and fills the rows after EOS."""
+    from simvlm_jax.models import coca
+    cfg = coca.CoCaConfig(vocab_size=8, image_size=32, patch_size=16, encoder_width=32, encoder_layers=1,
+                          encoder_heads=2, encoder_mlp_dim=64, decoder_width=32, unimodal_layers=1,
+                          multimodal_layers=1, decoder_heads=2, decoder_mlp_dim=64, embed_dim=32, n_queries=4,
+                          max_text_len=12, bos_id=6, eos_id=7, pad_id=5)
+    fam = coca.CoCaFamily(cfg)
+    params = jax.tree_util.tree_map(
+        lambda x: x * 4.0, nn.meta.unbox(fam.init_params(jax.random.key(3))))
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3)), jnp.uint8)
+    raw = np.asarray(decoding.greedy_decode(fam, params, {"image": images}, eos_id=-1))
+    assert 0 in raw and 5 not in raw  # id 0 generated, the pad id never
+    eos = int(raw[0, 2])
+    for out in (decoding.greedy_decode(fam, params, {"image": images}, eos_id=eos),
+                decoding.beam_search(fam, params, {"image": images}, num_beams=2, eos_id=eos)[0]):
+        out = np.asarray(out)
+        ended = [r for r in out if eos in list(r[:-1])]
+        assert ended and all(set(r[list(r).index(eos) + 1:]) == {5} for r in ended)

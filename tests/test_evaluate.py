@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import tiny_config
 from simvlm_jax import evaluate, partitioning, train
-from simvlm_jax.models import coca
+from simvlm_jax.models import coca, registry
 
 CAPTIONS = {1: ["a red square", "a small red square"], 2: ["a blue circle"], 3: ["a green star"]}
 
@@ -53,8 +53,9 @@ def karpathy_json(tmp_path) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def simvlm_model(dataset):
     cfg = tiny_config()
-    model = train.build_model(cfg)
-    params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), train.dummy_batch(cfg)))["params"])()
+    fam = registry.family_of(cfg)
+    model = fam.module
+    params = jax.jit(lambda: nn.meta.unbox(fam.init_params(jax.random.key(0))))()
     return model, params, dataset.vocab()
 
 
@@ -77,8 +78,9 @@ def test_karpathy_split_eval_for_coca(tmp_path, dataset):
                           encoder_heads=2, encoder_mlp_dim=64, decoder_width=32, unimodal_layers=1,
                           multimodal_layers=1, decoder_heads=2, decoder_mlp_dim=64, embed_dim=32, n_queries=4,
                           max_text_len=6)
-    model = train.build_model(cfg)
-    params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), train.dummy_batch(cfg)))["params"])()
+    fam = registry.family_of(cfg)
+    model = fam.module
+    params = jax.jit(lambda: nn.meta.unbox(fam.init_params(jax.random.key(0))))()
     ann, image_dir = karpathy_json(tmp_path)
     mesh = partitioning.make_mesh(data=4, fsdp=2, tensor=1)
     out = evaluate.evaluate_captioning(model, params, dataset.vocab(), mesh, str(tmp_path / "eval"),

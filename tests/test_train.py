@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding
 
 from conftest import register_builtin, tiny_config
-from simvlm_jax import checkpointing, partitioning, train
+from simvlm_jax import checkpointing, losses, partitioning, train
 from simvlm_jax.data import pipeline
 from simvlm_jax.models import simvlm
 
@@ -23,6 +23,14 @@ GLOBAL_BATCH = 8
 
 
 # ----------------------------------------------------------------------------- loss
+
+def prefix_lm_loss(logits, targets):
+    """Mean PrefixLM loss + per-token metrics from the objective the train step uses."""
+    obj = losses.prefix_lm_objective(logits, targets)
+    denom = jnp.maximum(obj.weight, 1.0)
+    return obj.value / denom, {"token_accuracy": obj.sums["token_accuracy"] / denom,
+                               "num_target_tokens": obj.sums["num_target_tokens"]}
+
 
 def _np_log_softmax(x):
     x = x - x.max(-1, keepdims=True)
@@ -33,7 +41,7 @@ def test_prefix_lm_loss_is_mean_nll_over_non_pad_targets():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(3, 5, 11)).astype(np.float32) * 3
     targets = np.array([[4, 7, 1, 0, 0], [3, 3, 3, 3, 1], [9, 1, 0, 0, 0]], np.int32)
-    loss, metrics = train.prefix_lm_loss(jnp.asarray(logits), jnp.asarray(targets))
+    loss, metrics = prefix_lm_loss(jnp.asarray(logits), jnp.asarray(targets))
     logp = _np_log_softmax(logits.astype(np.float64))
     nll = [-logp[b, t, targets[b, t]] for b in range(3) for t in range(5) if targets[b, t] > 0]
     assert len(nll) == 10
@@ -51,18 +59,18 @@ def test_prefix_lm_loss_ignores_padding():
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(size=(2, 6, 9)), jnp.float32)
     targets = jnp.asarray([[5, 6, 1, 0, 0, 0], [2, 8, 8, 7, 1, 0]], jnp.int32)
-    loss, _ = train.prefix_lm_loss(logits, targets)
+    loss, _ = prefix_lm_loss(logits, targets)
     pad = (targets == 0)[..., None]
     noisy = jnp.where(pad, logits + 100.0 * jnp.asarray(rng.normal(size=logits.shape), jnp.float32), logits)
-    np.testing.assert_allclose(float(train.prefix_lm_loss(noisy, targets)[0]), float(loss), rtol=1e-6)
-    grads = jax.grad(lambda lg: train.prefix_lm_loss(lg, targets)[0])(logits)
+    np.testing.assert_allclose(float(prefix_lm_loss(noisy, targets)[0]), float(loss), rtol=1e-6)
+    grads = jax.grad(lambda lg: prefix_lm_loss(lg, targets)[0])(logits)
     assert float(jnp.abs(jnp.where(pad, grads, 0.0)).max()) == 0.0
     assert float(jnp.abs(jnp.where(pad, 0.0, grads)).min(axis=-1).max()) > 0.0
     # Control: changing logits at a real target position does change the loss.
     moved = logits.at[0, 1].add(5.0 * jnp.arange(9, dtype=jnp.float32))
-    assert abs(float(train.prefix_lm_loss(moved, targets)[0]) - float(loss)) > 1e-3
+    assert abs(float(prefix_lm_loss(moved, targets)[0]) - float(loss)) > 1e-3
     # All-padding batch: no division by zero.
-    zero_loss, m = train.prefix_lm_loss(logits, jnp.zeros_like(targets))
+    zero_loss, m = prefix_lm_loss(logits, jnp.zeros_like(targets))
     assert float(zero_loss) == 0.0 and float(m["num_target_tokens"]) == 0.0
 
 
@@ -71,7 +79,7 @@ def test_loss_counts_only_target_tokens_not_the_prefix():
     cfg = tiny_config()
     model = simvlm.SimVLM(cfg)
     params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), simvlm.dummy_batch(cfg))))()["params"]
-    loss_fn = jax.jit(lambda p, b: train.prefix_lm_loss(model.apply({"params": p}, b), b["target_tokens"]))
+    loss_fn = jax.jit(lambda p, b: prefix_lm_loss(model.apply({"params": p}, b), b["target_tokens"]))
     caption = np.array([11, 12, 13, 14, 15, 16, 1], np.int32)
     batch = {k: np.array(v) for k, v in simvlm.dummy_batch(cfg, 2).items()}
     for row, k in enumerate([0, 3]):  # no prefix / 3 prefix tokens
@@ -126,7 +134,7 @@ def make_trainer(mesh, total_steps=20, **cfg_overrides):
     gin.clear_config()
     _bind_optimizer()
     try:
-        return train.Trainer(tiny_config(**cfg_overrides), mesh, total_steps)
+        return train.Trainer(tiny_config(**cfg_overrides), mesh, train.make_optimizer(total_steps))
     finally:
         gin.clear_config()
 
@@ -211,7 +219,7 @@ def _loss_and_grads(trainer, mesh, params_host, batch_host):
 
     def fn(p, b):
         logits = trainer.model.apply({"params": p}, b)
-        return train.prefix_lm_loss(logits, b["target_tokens"])[0]
+        return prefix_lm_loss(logits, b["target_tokens"])[0]
 
     with partitioning.activate(mesh, trainer.rules):
         loss, grads = jax.jit(jax.value_and_grad(fn))(params, batch)
@@ -336,7 +344,7 @@ def test_train_end_to_end_and_resume(dataset, data_mixture, mesh_2x4, tmp_path, 
     _bind_train_gin(data_mixture, save_every=2)
     work_dir = str(tmp_path / "run")
     cfg = tiny_config()
-    kw = dict(global_batch_size=GLOBAL_BATCH, mesh=mesh_2x4, model_config=cfg, log_every=1)
+    kw = dict(global_batch_size=GLOBAL_BATCH, mesh=mesh_2x4, model=cfg, log_every=1)
     caplog.set_level(logging.INFO, logger="simvlm_jax")
 
     out = train.train(work_dir, num_steps=3, **kw)
@@ -370,7 +378,7 @@ def test_train_end_to_end_and_resume(dataset, data_mixture, mesh_2x4, tmp_path, 
 def test_train_rejects_indivisible_batch(mesh_2x4, tmp_path, clean_gin):
     with pytest.raises(ValueError, match="global_batch_size"):
         train.train(str(tmp_path), num_steps=1, global_batch_size=6, mesh=mesh_2x4,
-                    model_config=tiny_config())
+                    model=tiny_config())
 
 
 def _sigterm_at(step_to_signal):
@@ -386,7 +394,7 @@ def test_preemption_signal_saves_and_stops(data_mixture, mesh_2x4, tmp_path, cle
     _bind_train_gin(data_mixture, save_every=100)
     work_dir = str(tmp_path / "run")
     out = train.train(work_dir, num_steps=6, global_batch_size=GLOBAL_BATCH, mesh=mesh_2x4,
-                      model_config=tiny_config(), log_every=100, eval_every=1, eval_fn=_sigterm_at(3))
+                      model=tiny_config(), log_every=100, eval_every=1, eval_fn=_sigterm_at(3))
     assert out["step"] == 3
     assert 3 in _ckpt_steps(out["checkpoint_dir"]) and max(_ckpt_steps(out["checkpoint_dir"])) == 3
     assert signal.getsignal(signal.SIGTERM) is not None  # the old handler is back
@@ -396,7 +404,7 @@ def test_preemption_signal_on_a_checkpoint_step(data_mixture, mesh_2x4, tmp_path
     _bind_train_gin(data_mixture, save_every=2)
     work_dir = str(tmp_path / "run")
     out = train.train(work_dir, num_steps=6, global_batch_size=GLOBAL_BATCH, mesh=mesh_2x4,
-                      model_config=tiny_config(), log_every=100, eval_every=1, eval_fn=_sigterm_at(2))
+                      model=tiny_config(), log_every=100, eval_every=1, eval_fn=_sigterm_at(2))
     assert out["step"] == 2
     assert max(_ckpt_steps(out["checkpoint_dir"])) == 2
 

@@ -2,13 +2,20 @@
 
 Stage order (each example passes each stage once):
   source -> global shuffle (per epoch) -> repeat -> preprocessors (per-example
-  RNG keyed by the global index) -> mixture -> this host's slice -> batch.
+  RNG keyed by the global index) -> mixture -> this host's slice -> [worker
+  processes] -> drop skipped -> batch.
 Because randomness and mixing are keyed by the *global* position, the global
 batch at step s holds the same examples whatever the host or worker count, and
 the iterator state (`get_state()`) is a few integers that orbax checkpoints.
+
+An example skipped for bad data stays in the stream as a `Skipped` marker until
+"drop skipped", in the trainer's process, counts its reasons and drops it: so
+`skipped_counts()` holds the examples skipped before the batches read so far,
+whatever the worker count (a worker's own counters never reach the trainer).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 # The input pipeline must never take accelerator memory: hide GPUs from TF
@@ -34,17 +41,36 @@ def _task_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + int(hashlib.sha1(name.encode()).hexdigest()[:8], 16)) % (2**31)
 
 
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """Stands in for an example dropped for bad data: carries its skip reasons out of the grain
+    worker process that preprocessed it, to be counted where the trainer reads the counts."""
+    reasons: tuple[str, ...]
+
+
 class Preprocess(grain.transforms.RandomMap):
     """A task's preprocessors as one grain transform: one dataset stage per example instead of
     one per preprocessor (each grain stage costs ~30 us/example of bookkeeping). RandomMaps
-    draw from the example's rng, keyed by its global index as grain keys it."""
+    draw from the example's rng, keyed by its global index as grain keys it.
 
-    def __init__(self, transforms: Sequence[Any]):
+    A skipped example is None, its reasons counted in this process; with `carry_skips` it is a
+    `Skipped` marker instead (for `drop_skipped` to count in the batching process).
+    """
+
+    def __init__(self, transforms: Sequence[Any], carry_skips: bool = False):
         self.transforms = tuple(transforms)
+        self.carry_skips = carry_skips
 
     def random_map(self, element: Any, rng: np.random.Generator) -> Any:
+        if not self.carry_skips:
+            return self._apply(element, rng)
+        with pp.collect_skips() as reasons:
+            element = self._apply(element, rng)
+        return Skipped(tuple(reasons)) if element is None else element
+
+    def _apply(self, element: Any, rng: np.random.Generator) -> Any:
         for t in self.transforms:
-            if element is None:  # skipped (bad data): grain drops it
+            if element is None:  # skipped (bad data): later transforms do not run
                 return None
             if isinstance(t, grain.transforms.RandomMap):
                 element = t.random_map(element, rng)
@@ -55,9 +81,18 @@ class Preprocess(grain.transforms.RandomMap):
         return element
 
 
+def drop_skipped(element: Any) -> bool:
+    """grain filter: counts a `Skipped` marker's reasons in this process and drops it."""
+    if isinstance(element, Skipped):
+        pp.count_skipped(element.reasons)
+        return False
+    return True
+
+
 def task_dataset(task: seqio.Task, split: str, seed: int, shuffle: bool = True,
-                 repeat: bool = True) -> grain.MapDataset:
-    """One task as a grain MapDataset of preprocessed examples (None = skipped)."""
+                 repeat: bool = True, carry_skips: bool = False) -> grain.MapDataset:
+    """One task as a grain MapDataset of preprocessed examples; a skipped one is None (counted
+    in the process that preprocessed it) or with `carry_skips` a `Skipped` marker."""
     src = task.source.grain_source(split)
     if len(src) == 0:
         raise ValueError(f"Task {task.name!r} split {split!r} has no examples ({src!r})")
@@ -66,7 +101,7 @@ def task_dataset(task: seqio.Task, split: str, seed: int, shuffle: bool = True,
         ds = ds.shuffle()
     if repeat:
         ds = ds.repeat()
-    return ds.random_map(Preprocess(task.preprocessors))
+    return ds.random_map(Preprocess(task.preprocessors, carry_skips))
 
 
 @gin.configurable
@@ -88,24 +123,28 @@ def make_train_iterator(mixture_or_task_name: str = gin.REQUIRED, global_batch_s
     if isinstance(provider, seqio.Mixture):
         tasks = provider.tasks
         weights = [provider.get_rate(t) for t in tasks]
-        ds = grain.MapDataset.mix([task_dataset(t, split, seed) for t in tasks], weights)
+        ds = grain.MapDataset.mix([task_dataset(t, split, seed, carry_skips=True) for t in tasks], weights)
     else:
-        ds = task_dataset(provider, split, seed)
+        ds = task_dataset(provider, split, seed, carry_skips=True)
     ds = ds[process_index::process_count]
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                  prefetch_buffer_size=prefetch_buffer_size))
     if worker_count > 0:
         # Workers preprocess interleaved elements (worker w: w, w+W, ...) and are read back
-        # round-robin, then batched here: batches equal the worker-free pipeline's (as long
-        # as no example is skipped for bad data, which shifts later examples by one).
+        # round-robin, then batched here: batches equal the worker-free pipeline's, bad data
+        # included, because a skipped example stays in its worker's stream as a marker.
         from absl import flags  # pylint: disable=g-import-not-at-top
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; we don't use absl's CLI
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    # Here, in the trainer's process: counts what the workers skipped, where skipped_counts() reads.
+    it_ds = it_ds.filter(drop_skipped)
     it_ds = it_ds.batch(global_batch_size // process_count, drop_remainder=True)
     return iter(it_ds)
 
 
 def skipped_counts() -> dict[str, int]:
-    """Examples skipped for bad data in this process, by reason."""
+    """Examples skipped for bad data, by reason: those before the batches this process's train
+    iterators returned (grain workers' included), plus any that `task_dataset` (without
+    `carry_skips`) or the preprocessors themselves skipped in this process."""
     return pp.skipped_counts()

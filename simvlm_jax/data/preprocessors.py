@@ -4,7 +4,10 @@ image-text: DecodeImage -> CleanCaption -> Tokenize -> PrefixLMSplit
 text-only:  LineToText -> CleanCaption -> Tokenize -> PrefixLMSplit(text_only) -> AddBlankImage
 
 A transform that meets bad data returns None (grain drops it) and counts the
-reason in `SKIPPED`, which the trainer logs; nothing raises mid-run.
+reason with `skip` (only for an example it drops); nothing raises mid-run. The train
+pipeline collects each dropped example's reasons (`collect_skips`) and counts them in
+the process that batches, the trainer's, not a grain worker's (see pipeline.py): so
+`SKIPPED` there holds what the trainer logs.
 
 Images: JPEGs are decoded by libjpeg-turbo through `simplejpeg` (the same library and
 settings as PIL's decoder, so the pixels are identical, without PIL's per-image
@@ -17,12 +20,13 @@ PIL when its package is not installed (same output within rounding, 3-4x slower)
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import io
 import re
 import threading
 import warnings
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import grain
 import numpy as np
@@ -41,11 +45,35 @@ except ImportError:  # pragma: no cover - no wheel for e.g. Linux aarch64
 
 _lock = threading.Lock()
 SKIPPED: collections.Counter = collections.Counter()  # reason -> count (this process)
+_collector = threading.local()  # .reasons: this thread's list while in `collect_skips`, else None
 
 
 def skip(reason: str) -> None:
+    """Counts one example dropped for `reason`, or hands it to this thread's `collect_skips`."""
+    collected = getattr(_collector, "reasons", None)
+    if collected is not None:
+        collected.append(reason)
+    else:
+        count_skipped([reason])
+
+
+def count_skipped(reasons: Iterable[str]) -> None:
+    """Adds `reasons` (one entry per dropped example and reason) to this process's SKIPPED."""
     with _lock:
-        SKIPPED[reason] += 1
+        SKIPPED.update(reasons)
+
+
+@contextlib.contextmanager
+def collect_skips() -> Iterator[list[str]]:
+    """Within the block, this thread's `skip` calls append to the yielded list instead of
+    counting: a grain worker process's counts would never reach the trainer, so the caller
+    carries them to the process that batches."""
+    outer = getattr(_collector, "reasons", None)
+    _collector.reasons = reasons = []
+    try:
+        yield reasons
+    finally:
+        _collector.reasons = outer
 
 
 def skipped_counts() -> dict[str, int]:

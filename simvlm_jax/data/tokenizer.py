@@ -13,7 +13,7 @@ import gin
 import seqio
 import sentencepiece as spm
 
-PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+from simvlm_jax.special_tokens import EOS_ID, PAD_ID, UNK_ID
 
 
 def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int = 512,

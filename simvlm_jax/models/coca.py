@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import Any, Callable, Sequence
 
@@ -36,9 +37,9 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
 
-from simvlm_jax.models import layers, simvlm
+from simvlm_jax import flops, losses
+from simvlm_jax.models import family, layers, simvlm
 
 Array = jax.Array
 
@@ -109,8 +110,8 @@ class CoCaConfig:
               f"not divisible by patch_size={self.patch_size}")
         check(0 <= self.stem_stages <= len(self.stem_units), "stem_stages",
               f"needs 0..len(stem_units)={len(self.stem_units)}")
-        check(self.patch_size % simvlm.stem_stride(self.stem_stages) == 0, "patch_size",
-              f"must be a multiple of the conv stem stride {simvlm.stem_stride(self.stem_stages)}")
+        check(self.patch_size % layers.stem_stride(self.stem_stages) == 0, "patch_size",
+              f"must be a multiple of the conv stem stride {layers.stem_stride(self.stem_stages)}")
         check(not (self.open_clip_compatible and self.stem_stages), "stem_stages",
               "open_clip's CoCa has no conv stem; use 0 with open_clip_compatible=True")
         check(self.pooler_layout in ("cascade", "parallel"), "pooler_layout", "use 'cascade' or 'parallel'")
@@ -308,7 +309,7 @@ class VisionEncoder(nn.Module):
                              ("activation_batch", "activation_height", "activation_width", "activation_channels"))
         if cfg.stem_stages:
             x = simvlm.resnet_stem(x, cfg.stem_width, cfg.stem_units[:cfg.stem_stages], 0.0, deterministic, **kw)
-        p, w = cfg.patch_size // simvlm.stem_stride(cfg.stem_stages), cfg.encoder_width
+        p, w = cfg.patch_size // layers.stem_stride(cfg.stem_stages), cfg.encoder_width
         x = nn.Conv(w, (p, p), (p, p), padding="VALID", use_bias=not oc, name="conv1" if oc else "patch_embed",
                     kernel_init=layers.param_with_axes(nn.initializers.lecun_normal(),
                                                        (None, None, "conv_in", "embed")),
@@ -554,96 +555,115 @@ def dummy_batch(cfg: CoCaConfig, batch_size: int = 1) -> dict[str, Array]:
             "target_tokens": jnp.zeros((batch_size, cfg.max_text_len), jnp.int32)}
 
 
-def count_params(params: Any) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+class CoCaFamily(family.ModelFamily):
+    """CoCa as a model family: contrastive + captioning objective over image-text pairs;
+    generates from [BOS] with the pooled image tokens (no encoder prompt); embeds images
+    and texts for retrieval."""
+    name = "coca"
+    export_type = "CoCa"
+    config_cls = CoCaConfig
+    module_cls = CoCa
+    loss_weights = {"contrastive": 1.0, "caption": 2.0}  # the paper's lambda_con, lambda_cap
+    per_shard_objective = True
+    can_generate = True
+    can_embed = True
+    decode_features = ("image",)
 
+    def dummy_batch(self, batch_size: int = 1) -> dict[str, Array]:
+        return dummy_batch(self.config, batch_size)
 
-def abstract_params(cfg: CoCaConfig) -> Any:
-    """Parameter ShapeDtypeStructs (boxed with their logical axes), without allocating."""
-    model = CoCa(cfg)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), dummy_batch(cfg)))["params"]
+    def objective(self, params, batch, rng, *, loss_weights, mesh=None, batch_axes=()) -> losses.Objective:
+        out = self.module.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng})
+        return losses.contrastive_caption_objective(out, batch["target_tokens"], weights=loss_weights,
+                                                    mesh=mesh, batch_axes=batch_axes,
+                                                    pad_id=self.config.pad_id)
 
+    def check_batch(self, host_batch) -> None:
+        """CoCa reads image + whole caption: text-only rows or a PrefixLM split would silently
+        train on blank images or truncated captions, so they are an error."""
+        if "has_image" in host_batch and not np.all(np.asarray(host_batch["has_image"]) > 0):
+            raise ValueError("CoCa training got text-only examples (has_image=0): train CoCa on image-text "
+                             "tasks only (e.g. make_train_iterator.mixture_or_task_name = an image_text_task)")
+        if "prefix_tokens" in host_batch and np.any(np.asarray(host_batch["prefix_tokens"])):
+            raise ValueError("CoCa training got PrefixLM prefixes: set the image-text task's max_prefix_len=0 "
+                             "(or text_prefix_prob=0) so the whole caption is the target")
 
-# ----------------------------------------------------------------------------- losses
+    def check_vocabulary(self, vocab) -> None:
+        super().check_vocabulary(vocab)
+        if self.config.eos_id != vocab.eos_id:
+            raise ValueError(f"CoCaConfig.eos_id={self.config.eos_id} but the tokenizer's EOS is {vocab.eos_id}: "
+                             f"set CoCaConfig.eos_id={vocab.eos_id} (captions are trained to end with it)")
 
-def _local_contrastive_sum(img: Array, txt: Array, scale: Array, axis_name) -> Array:
-    """Sum over this shard's rows of the i->t and t->i cross-entropies against ALL (gathered)
-    embeddings: memory [b_local, B_global] per device, never [B, B]."""
-    b = img.shape[0]
-    if axis_name is None:
-        img_all, txt_all, offset = img, txt, 0
-    else:
-        img_all = jax.lax.all_gather(img, axis_name, tiled=True)
-        txt_all = jax.lax.all_gather(txt, axis_name, tiled=True)
-        offset = jax.lax.axis_index(axis_name) * b
-    labels = offset + jnp.arange(b)
-    total = 0.0
-    for q, k in ((img, txt_all), (txt, img_all)):
-        logits = scale * jnp.einsum("be,ne->bn", q, k)
-        pos = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-        total = total + jnp.sum(jax.nn.logsumexp(logits, axis=-1) - pos)
-    return total
+    def tokens_per_example(self) -> int:
+        return self.config.num_patches + self.config.max_text_len + 1
 
+    def train_flops_per_example(self) -> float:
+        return flops.coca_train_flops_per_example(self.config)
 
-def batch_axes_of(mesh: Mesh) -> tuple[str, ...]:
-    """Mesh axes the batch is sharded over (from the 'activation_batch' logical rule)."""
-    from simvlm_jax import partitioning  # pylint: disable=g-import-not-at-top
-    axes = dict(partitioning.axis_rules())["activation_batch"]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return tuple(a for a in axes if a in mesh.shape)
+    def describe(self) -> str:
+        cfg = self.config
+        flavour = "open_clip-compatible " if cfg.open_clip_compatible else ""
+        return (f"{flavour}CoCa: ViT width {cfg.encoder_width} x {cfg.encoder_layers} layers "
+                f"(patch {cfg.patch_size}), text decoder width {cfg.decoder_width}, "
+                f"{cfg.unimodal_layers} unimodal + {cfg.multimodal_layers} multimodal layers, "
+                f"{cfg.n_queries} pooler queries, embedding {cfg.embed_dim}, {cfg.image_size}px images.")
 
+    def table_cells(self) -> list[str]:
+        cfg = self.config
+        pair = lambda a, b: f"{a}" if a == b else f"{a} / {b}"
+        mode = "open_clip" if cfg.open_clip_compatible else cfg.pooler_layout
+        return [pair(cfg.encoder_width, cfg.decoder_width),
+                f"{cfg.encoder_layers} / {cfg.unimodal_layers}+{cfg.multimodal_layers}",
+                pair(cfg.encoder_heads, cfg.decoder_heads), pair(cfg.encoder_mlp_dim, cfg.decoder_mlp_dim),
+                f"{cfg.image_size} / {cfg.patch_size}",
+                family.describe_stem(cfg.stem_stages, cfg.stem_units, cfg.stem_width),
+                f"{cfg.num_patches} image -> {cfg.n_queries} queries ({mode})",
+                f"{cfg.max_text_len} text (+BOS, CLS)"]
 
-def contrastive_loss(image_embed: Array, text_embed: Array, logit_scale: Array,
-                     mesh: Mesh | None = None, batch_axes: Sequence[str] | None = None) -> Array:
-    """Symmetric InfoNCE over the GLOBAL batch: mean over i->t and t->i of -log softmax.
+    @property
+    def external_tokenizer(self) -> str | None:
+        return "open_clip" if self.config.open_clip_compatible else None
 
-    With `mesh`, the loss runs under shard_map over `batch_axes` (default: the mesh axes
-    of 'activation_batch'): each device all-gathers the embeddings ([B, E], small) and
-    computes only its own rows' logits [B/n, B]; the row losses are psum'd. Without a
-    mesh it is the plain [B, B] computation (one device, or XLA's choice).
-    """
-    image_embed = image_embed.astype(jnp.float32)
-    text_embed = text_embed.astype(jnp.float32)
-    logit_scale = jnp.asarray(logit_scale, jnp.float32)
-    n = image_embed.shape[0]
-    if mesh is None:
-        return _local_contrastive_sum(image_embed, text_embed, logit_scale, None) / (2 * n)
-    axes = tuple(batch_axes) if batch_axes is not None else batch_axes_of(mesh)
-    if not axes:
-        return _local_contrastive_sum(image_embed, text_embed, logit_scale, None) / (2 * n)
+    max_decode_len = property(lambda self: self.config.max_text_len)
+    eos_id = property(lambda self: self.config.eos_id)
 
-    def local(img, txt, scale):
-        return jax.lax.psum(_local_contrastive_sum(img, txt, scale, axes), axes)
+    def prompt_ids(self, vocab, prompt: str) -> np.ndarray:
+        """CoCa has no encoder prompt: an empty row (a given prompt is ignored, with a warning)."""
+        if prompt:
+            logging.getLogger("simvlm_jax").warning("CoCa captions without an encoder prompt; ignoring %r", prompt)
+        return np.zeros((0,), np.int32)
 
-    total = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P()), out_specs=P())(
-        image_embed, text_embed, logit_scale)
-    return total / (2 * n)
+    def decode_inputs(self, images, prompt_ids) -> dict[str, np.ndarray]:
+        return {"image": images}
 
+    def encode(self, params, inputs) -> Array:
+        """The pooled image tokens the multimodal decoder cross-attends to."""
+        _, image_tokens = self.module.apply({"params": params}, inputs["image"], method=CoCa.image_features)
+        return image_tokens
 
-def caption_stats(logits: Array, targets: Array, pad_id: int = 0) -> tuple[Array, Array, Array]:
-    """(sum of target-token NLL, number of target tokens, number argmax-correct); pad ignored."""
-    weights = (targets != pad_id).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    correct = ((jnp.argmax(logits, -1) == targets) * weights).sum()
-    return (nll * weights).sum(), weights.sum(), correct
+    def decode_start(self, params, context):
+        bos = jnp.full((context.shape[0], 1), self.config.bos_id, jnp.int32)
+        logits, mutated = self.module.apply({"params": params}, bos, context, jnp.int32(0),
+                                            method=CoCa.decode_step, mutable=["cache"])
+        return logits[:, -1], mutated["cache"]
 
+    def decode_step(self, params, cache, tokens, context, t):
+        # The pooled image tokens' keys/values are in the cache.
+        logits, mutated = self.module.apply({"params": params, "cache": cache}, tokens[:, None], None, t,
+                                            method=CoCa.decode_step, mutable=["cache"])
+        return logits[:, -1], mutated["cache"]
 
-def coca_loss(outputs: dict[str, Array], targets: Array, *, lambda_con: float = 1.0, lambda_cap: float = 2.0,
-              mesh: Mesh | None = None, batch_axes: Sequence[str] | None = None,
-              pad_id: int = 0) -> tuple[Array, dict[str, Array]]:
-    """CoCa loss over the global batch: lambda_con * InfoNCE + lambda_cap * caption CE.
+    def caption_logits(self, params, context, tokens):
+        return self.module.apply({"params": params}, with_bos(tokens, self.config.bos_id), context,
+                                 method=CoCa.caption_logits)
 
-    `outputs` is `CoCa.__call__`'s dict; `targets` the caption tokens ('target_tokens').
-    Pass `mesh` when the batch is sharded, so the contrastive logits are computed per
-    device row-block (see `contrastive_loss`).
-    """
-    con = contrastive_loss(outputs["image_embed"], outputs["text_embed"], outputs["logit_scale"],
-                           mesh=mesh, batch_axes=batch_axes)
-    nll_sum, n, correct = caption_stats(outputs["logits"], targets, pad_id)
-    denom = jnp.maximum(n, 1.0)
-    cap = nll_sum / denom
-    loss = lambda_con * con + lambda_cap * cap
-    return loss, {"loss": loss, "contrastive_loss": con, "caption_loss": cap,
-                  "token_accuracy": correct / denom, "num_target_tokens": n,
-                  "logit_scale": jnp.asarray(outputs["logit_scale"], jnp.float32)}
+    def target_layout(self) -> tuple[int, bool]:
+        # The text tower's CLS sits after max_text_len positions, as in training.
+        return self.config.max_text_len, True
+
+    def embed_images(self, params, images):
+        return self.module.apply({"params": params}, images, method=CoCa.encode_image)
+
+    def embed_texts(self, params, targets):
+        return self.module.apply({"params": params}, with_bos(targets, self.config.bos_id),
+                                 method=CoCa.encode_text)

@@ -80,6 +80,11 @@ class Attention(nn.Module):
       * self-attention appends this step's key/value to the 'cache' collection;
       * cross-attention projects the encoder output once, on the call that
         creates the cache, and reuses the cached keys/values afterwards.
+
+    Shared cross-attention sources: when `kv_input` has Bk rows and `x` has Bk * m
+    (rows i*m .. i*m+m-1 belong to source i, e.g. m captions scored against one
+    image), the m query rows of source i attend as one row of m*T positions, so each
+    source is projected once (cross-attention queries do not interact).
     """
     num_heads: int
     head_dim: int
@@ -92,6 +97,13 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, kv_input: Array | None, mask: Array | None) -> Array:
+        rows, length, width = x.shape
+        shared = (self.is_cross and not self.decode and kv_input is not None
+                  and kv_input.shape[0] != rows)
+        if shared:
+            if rows % kv_input.shape[0]:
+                raise ValueError(f"cross-attention: {rows} query rows for {kv_input.shape[0]} sources")
+            x = x.reshape(kv_input.shape[0], (rows // kv_input.shape[0]) * length, width)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         proj = functools.partial(dense_general, (self.num_heads, self.head_dim), -1,
                                  ("embed", "heads", "kv"), ("heads", "kv"), **kw)
@@ -126,8 +138,8 @@ class Attention(nn.Module):
         v = constrain(v, BATCH_LENGTH_HEADS_KV)
         out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.attention_impl)
         out = constrain(out, BATCH_LENGTH_HEADS_KV)
-        d = x.shape[-1]
-        return dense_general(d, (-2, -1), ("heads", "kv", "embed"), ("embed",), name="out", **kw)(out)
+        out = dense_general(width, (-2, -1), ("heads", "kv", "embed"), ("embed",), name="out", **kw)(out)
+        return out.reshape(rows, length, width) if shared else out
 
 
 def drop_path(x: Array, rate: float, deterministic: bool, rng_fn: Callable[[], Array]) -> Array:
@@ -224,6 +236,12 @@ def layer_stack(layer_kwargs: dict, num_layers: int, *, scan: bool, remat_policy
         return x
 
     return apply
+
+
+def stem_stride(stages: int) -> int:
+    """Stride of the first `stages` BiT ResNet stages: root conv (/2) + max-pool (/2), then /2
+    per stage after the first; 0 stages: 1."""
+    return 1 if stages == 0 else 4 * 2 ** (stages - 1)
 
 
 def sincos_2d(h: int, w: int, dim: int, temperature: float = 10_000.0) -> Array:

@@ -16,8 +16,12 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from simvlm_jax.models import layers
+from simvlm_jax import flops, losses
+from simvlm_jax.models import family, layers
+from simvlm_jax.models.layers import stem_stride
+from simvlm_jax.special_tokens import EOS_ID, PAD_ID
 
 Array = jax.Array
 
@@ -131,11 +135,6 @@ class BottleneckUnit(nn.Module):
         y = _group_norm("gn3", **kw)(_conv(out_ch, 1, 1, "conv3", **kw)(y))
         y = layers.drop_path(y, self.drop_path_rate, self.deterministic, lambda: self.make_rng("dropout"))
         return nn.relu(residual + y)
-
-
-def stem_stride(stages: int) -> int:
-    """Root conv (/2) + max-pool (/2), then /2 per stage after the first; 0 stages: 1."""
-    return 1 if stages == 0 else 4 * 2 ** (stages - 1)
 
 
 def resnet_stem(x: Array, width: int, units: Sequence[int], drop_path_rate: float, deterministic: bool,
@@ -315,3 +314,79 @@ def dummy_batch(cfg: SimVLMConfig, batch_size: int = 1) -> dict[str, Array]:
         "prefix_tokens": jnp.zeros((batch_size, cfg.max_prefix_len), jnp.int32),
         "target_tokens": jnp.zeros((batch_size, cfg.max_target_len), jnp.int32),
     }
+
+
+class SimVLMFamily(family.ModelFamily):
+    """SimVLM as a model family: PrefixLM objective; generates from the image + a text prompt
+    (the encoder prefix, e.g. "a picture of"); zero-shot by caption likelihood."""
+    name = "simvlm"
+    export_type = "SimVLM"
+    config_cls = SimVLMConfig
+    module_cls = SimVLM
+    can_generate = True
+    decode_features = ("image", "prefix_tokens", "has_image")
+
+    def dummy_batch(self, batch_size: int = 1) -> dict[str, Array]:
+        return dummy_batch(self.config, batch_size)
+
+    def objective(self, params, batch, rng, *, loss_weights, mesh=None, batch_axes=()) -> losses.Objective:
+        logits = self.module.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng})
+        return losses.prefix_lm_objective(logits, batch["target_tokens"], PAD_ID)
+
+    def tokens_per_example(self) -> int:
+        cfg = self.config
+        return cfg.num_image_tokens + cfg.max_prefix_len + cfg.max_target_len
+
+    def train_flops_per_example(self) -> float:
+        return flops.simvlm_train_flops_per_example(self.config)
+
+    def describe(self) -> str:
+        cfg = self.config
+        return (f"SimVLM (PrefixLM): width {cfg.width}, {cfg.encoder_layers} encoder / {cfg.decoder_layers} "
+                f"decoder layers, {cfg.image_size}px images, conv stem stages {cfg.stem_stages}.")
+
+    def table_cells(self) -> list[str]:
+        cfg = self.config
+        return [f"{cfg.width}", f"{cfg.encoder_layers} / {cfg.decoder_layers}", f"{cfg.num_heads}",
+                f"{cfg.mlp_dim}", f"{cfg.image_size} / {cfg.patch_size}",
+                family.describe_stem(cfg.stem_stages, cfg.stem_units, cfg.stem_width),
+                f"{cfg.num_image_tokens} image + {cfg.max_prefix_len} prefix", f"{cfg.max_target_len} target"]
+
+    # The decoder starts from BOS = pad (T5 convention) and stops at the tokenizer's EOS.
+    max_decode_len = property(lambda self: self.config.max_target_len)
+    eos_id = property(lambda self: EOS_ID)
+    pad_id = property(lambda self: PAD_ID)
+
+    def prompt_ids(self, vocab, prompt: str) -> np.ndarray:
+        """The prompt's ids, zero-padded to max_prefix_len (the encoder's text prefix)."""
+        return family.encode_prompt(vocab, prompt, self.config.max_prefix_len)
+
+    def decode_inputs(self, images, prompt_ids) -> dict[str, np.ndarray]:
+        n = len(images)
+        return {"image": images, "prefix_tokens": np.tile(np.asarray(prompt_ids, np.int32), (n, 1)),
+                "has_image": np.ones((n,), np.int32)}
+
+    def encode(self, params, inputs) -> tuple[Array, Array]:
+        return self.module.apply({"params": params}, inputs["image"], inputs["prefix_tokens"],
+                                 inputs["has_image"], method=SimVLM.encode)
+
+    def decode_start(self, params, context):
+        encoded, valid = context
+        bos = jnp.full((encoded.shape[0], 1), PAD_ID, jnp.int32)
+        logits, mutated = self.module.apply({"params": params}, bos, encoded, valid, decode=True,
+                                            positions=jnp.int32(0), method=SimVLM.decode, mutable=["cache"])
+        return logits[:, -1], mutated["cache"]
+
+    def decode_step(self, params, cache, tokens, context, t):
+        _, valid = context  # the encoder output itself is in the cache (cross keys/values)
+        logits, mutated = self.module.apply({"params": params, "cache": cache}, tokens[:, None], None, valid,
+                                            decode=True, positions=t, method=SimVLM.decode, mutable=["cache"])
+        return logits[:, -1], mutated["cache"]
+
+    def caption_logits(self, params, context, tokens):
+        encoded, valid = context
+        return self.module.apply({"params": params}, shift_right(tokens, PAD_ID), encoded, valid,
+                                 method=SimVLM.decode)
+
+    def target_layout(self) -> tuple[int, bool]:
+        return self.config.max_target_len, False
