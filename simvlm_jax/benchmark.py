@@ -33,9 +33,21 @@ import numpy as np
 
 from simvlm_jax import cli, decode_benchmark, flops, partitioning, train
 from simvlm_jax.cli import UserError, add_gin_args, split_gin_args
-from simvlm_jax.data import data_benchmark
 from simvlm_jax.models import registry
 from simvlm_jax.models.family import count_params
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The `data` command's options. Defined here, not in `data_benchmark` (which imports
+    TensorFlow), so that registering them does not load TensorFlow for `step` / `memory`."""
+    g = parser.add_argument_group("data benchmark")
+    g.add_argument("--data_num_images", type=int, default=512, help="generated images (data)")
+    g.add_argument("--data_passes", type=int, default=2, help="timed passes over them per round (data)")
+    g.add_argument("--data_rounds", type=int, default=3, help="rounds of timing every pipeline in turn (data)")
+    g.add_argument("--data_image_size", type=int, default=224, help="output image size (data)")
+    g.add_argument("--data_source_size", type=int, default=256, help="generated JPEG size (data)")
+    g.add_argument("--data_batch_size", type=int, default=32, help="batch size (data)")
+    g.add_argument("--data_work_dir", default=None, help="where to write the data (default: a temp dir)")
 
 
 def _shard_bytes(tree: Any) -> tuple[int, int]:
@@ -180,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="compile for this many simulated CPU devices (set before JAX starts)")
     parser.add_argument("--batch_size", type=int, default=0, help="global batch (default: train.global_batch_size)")
     parser.add_argument("--hbm_gib", type=float, default=0.0, help="per-device memory budget to check against")
-    data_benchmark.add_args(parser)
+    add_data_args(parser)
     decode_benchmark.add_args(parser)
     args, rest = parser.parse_known_args(argv)
     try:
@@ -197,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    f" --xla_force_host_platform_device_count={args.devices}")
     try:
         if args.what == "data":
+            # Imported here only: it imports TensorFlow, which `step` / `memory` must not load.
+            from simvlm_jax.data import data_benchmark  # pylint: disable=g-import-not-at-top  (TensorFlow)
             result = data_benchmark.run(args)
         elif args.what == "decode":
             result = decode_benchmark.run(args)

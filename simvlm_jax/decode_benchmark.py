@@ -23,7 +23,12 @@ import sys
 import time
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from simvlm_jax import convert_open_clip, decoding
+from simvlm_jax.models import coca
 
 # A shrunk CoCa with open_clip's layout (for tests): same code paths as coca_ViT-B-32.
 TINY_OPEN_CLIP = {
@@ -64,8 +69,8 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 def _build(name: str, seed: int = 0):
     """(open_clip model in eval mode, its model config dict), random weights."""
-    import open_clip  # pylint: disable=g-import-not-at-top
-    import torch  # pylint: disable=g-import-not-at-top
+    import open_clip  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
+    import torch  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
     torch.manual_seed(seed)
     if name == "tiny":
         model_cfg, model = TINY_OPEN_CLIP, open_clip.CoCa(**TINY_OPEN_CLIP)
@@ -91,12 +96,7 @@ def _agreement(ours: np.ndarray, theirs: np.ndarray, length: int) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    import torch  # pylint: disable=g-import-not-at-top
-
-    from simvlm_jax import convert_open_clip, decoding  # pylint: disable=g-import-not-at-top
-    from simvlm_jax.models import coca  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in strategies if s not in ("beam", "greedy")]
@@ -117,7 +117,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     normalized = (pixels - np.asarray(coca.OPENAI_MEAN)) / np.asarray(coca.OPENAI_STD)
     images_jax = jnp.asarray(normalized, jnp.float32)           # NHWC, already normalized
     images_torch = torch.from_numpy(normalized.transpose(0, 3, 1, 2).copy()).float()  # NCHW
-    none, has = jnp.zeros((n, 0), jnp.int32), jnp.ones((n,), jnp.int32)
     seq_len = args.decode_len + 1  # open_clip counts <start_of_text>
 
     results: dict[str, Any] = {
@@ -127,10 +126,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for strategy in strategies:
         if strategy == "beam":
             ours_fn = jax.jit(lambda p, x: decoding.beam_search(
-                model, p, x, none, has, num_beams=args.num_beams, max_len=args.decode_len, eos_id=EOT)[0])
+                model, p, {"image": x}, num_beams=args.num_beams, max_len=args.decode_len, eos_id=EOT)[0])
             theirs_kwargs = dict(generation_type="beam_search", num_beams=args.num_beams, num_beam_groups=1)
         else:  # greedy
-            ours_fn = jax.jit(lambda p, x: decoding.greedy_decode(model, p, x, none, has, max_len=args.decode_len,
+            ours_fn = jax.jit(lambda p, x: decoding.greedy_decode(model, p, {"image": x}, max_len=args.decode_len,
                                                                   eos_id=EOT))
             theirs_kwargs = dict(generation_type="top_k", top_k=1)
 

@@ -203,7 +203,7 @@ class _BeamState(NamedTuple):
 def beam_search(model: Model, params, inputs: dict[str, Any], *, num_beams: int = 3,
                 max_len: int | None = None, min_len: int = 0, length_penalty: float = 1.0,
                 repetition_penalty: float = 1.0, eos_id: int | None = None,
-                early_stop: bool = True) -> tuple[jax.Array, jax.Array]:
+                early_stop: bool = True, convention: str = "exact") -> tuple[jax.Array, jax.Array]:
     """Beam search with the KV cache. Returns (tokens [B, max_len] of the best hypothesis,
     pad after EOS; scores [B]). `eos_id` defaults to the model's.
 
@@ -217,6 +217,23 @@ def beam_search(model: Model, params, inputs: dict[str, Any], *, num_beams: int 
     `best_alive_logp / lp(max_len)` for length_penalty >= 0 (`lp(next length)` below 0).
     The bound is exact, so `early_stop=False` (run to max_len) returns the same result.
     Hypotheses still alive at max_len compete with the finished ones. Jit-compatible.
+
+    `convention` (a Python string) reproduces other implementations token for token:
+      * "exact" (default): the above.
+      * "hf": transformers' `generate(num_beams=K)` (`BeamSearchScorer`, `early_stopping=
+        False`). Its stopping rule is a heuristic: an example stops for good (its alive beams
+        are dropped, its finished set frozen) once it has K finished hypotheses and the worst
+        of them scores >= best candidate's running log-prob / (tokens so far) ** length_penalty,
+        although a longer hypothesis could still score higher; `early_stop` is ignored. The
+        repetition penalty applies to log-probs (after the log-softmax), as HF's processors
+        do; the pad id may be generated.
+      * "open_clip": open_clip's `CoCa.generate(generation_type='beam_search',
+        num_beam_groups=1)`, i.e. "hf" as open_clip drives `BeamSearchScorer`: beam scores
+        are sums of the processed raw logits (no log-softmax, so they are not log-probs and
+        the length penalty divides a sum of logits), and the length counts open_clip's
+        <start_of_text> input too: (n + 1) ** length_penalty. open_clip's `min_seq_len` also
+        counts it (= min_len + 1); its `seq_len` = max_len + 1.
+    In both, the repetition penalty also counts the decoder's start token as seen.
     """
     fam = registry.family_of(model)
     eos_id = fam.eos_id if eos_id is None else eos_id
@@ -225,20 +242,34 @@ def beam_search(model: Model, params, inputs: dict[str, Any], *, num_beams: int 
     k = int(num_beams)
     if k < 1:
         raise ValueError(f"num_beams={num_beams} must be >= 1")
+    if convention not in ("exact", "hf", "open_clip"):
+        raise ValueError(f"convention={convention!r}: use 'exact', 'hf' or 'open_clip'")
+    hf_like = convention != "exact"
+    length_offset = 1 if convention == "open_clip" else 0   # open_clip's <start_of_text>
+    start_id = getattr(fam.config, "bos_id", pad_id)  # the decoder's first input (SimVLM: pad)
     b = _batch_size(inputs)
     bk = b * k
     alpha = jnp.asarray(length_penalty, jnp.float32)
     batch_axis = fam.cache_batch_axis
 
     def lp(length):
-        return jnp.asarray(length, jnp.float32) ** alpha
+        return (jnp.asarray(length, jnp.float32) + length_offset) ** alpha
 
-    def select(state: _BeamState, logits: jax.Array, cache) -> _BeamState:
+    def select(state: _BeamState, done: jax.Array, logits: jax.Array, cache) -> tuple[_BeamState, jax.Array]:
         t = state.t
         v = logits.shape[-1]
-        logits = apply_repetition_penalty(logits, state.alive_seq.reshape(bk, max_len), repetition_penalty)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        logp = mask_logits(logp, t, min_len, eos_id, pad_id).reshape(b, k, v)
+        generated = state.alive_seq.reshape(bk, max_len)
+        if hf_like:  # HF: the tokens so far and the decoder's start token (not pads to come)
+            generated = jnp.where(jnp.arange(max_len) < t, generated, start_id)
+        if convention == "hf":  # HF's processors see log-probs
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            logp = apply_repetition_penalty(logp, generated, repetition_penalty)
+        else:
+            logp = apply_repetition_penalty(logits, generated, repetition_penalty).astype(jnp.float32)
+            if convention == "exact":
+                logp = jax.nn.log_softmax(logp, axis=-1)
+        # hf/open_clip never block the pad id (pad_id=-1 matches no token).
+        logp = mask_logits(logp, t, min_len, eos_id, -1 if hf_like else pad_id).reshape(b, k, v)
         cand = (state.alive_logp[:, :, None] + logp).reshape(b, k * v)
         top_logp, top_idx = jax.lax.top_k(cand, 2 * k)              # [B, 2K], best first
         parent, token = top_idx // v, (top_idx % v).astype(jnp.int32)
@@ -249,36 +280,45 @@ def beam_search(model: Model, params, inputs: dict[str, Any], *, num_beams: int 
         alive_logp, ai = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_logp), k)
         alive_seq = jnp.take_along_axis(seqs, ai[:, :, None], axis=1)
         alive_parent = jnp.take_along_axis(parent, ai, axis=1)
-        # Finished: merge the ending candidates ranked within the top K.
+        # Finished: merge the ending candidates ranked within the top K (not once done).
         ends = jnp.logical_and(is_eos, jnp.arange(2 * k)[None] < k)
-        new_fin = jnp.where(ends, top_logp / lp(t + 1), NEG_INF)
+        new_fin = jnp.where(jnp.logical_and(ends, ~done[:, None]), top_logp / lp(t + 1), NEG_INF)
         fin_score, fi = jax.lax.top_k(jnp.concatenate([state.fin_score, new_fin], axis=1), k)
         fin_seq = jnp.take_along_axis(jnp.concatenate([state.fin_seq, seqs], axis=1), fi[:, :, None], axis=1)
+        if hf_like:  # BeamHypotheses.is_done (early_stopping=False)
+            full = fin_score[:, -1] > NEG_INF
+            done = done | (full & (fin_score[:, -1] >= top_logp[:, 0] / lp(t + 1)))
         flat = (jnp.arange(b)[:, None] * k + alive_parent).reshape(bk)
         cache = gather_beams(cache, flat, batch_axis, bk)
-        return _BeamState(t + 1, alive_seq, alive_logp, fin_seq, fin_score, cache)
+        return _BeamState(t + 1, alive_seq, alive_logp, fin_seq, fin_score, cache), done
 
     logits, cache, context = _start(fam, params, inputs, repeat=k)
     zeros = jnp.full((b, k, max_len), pad_id, jnp.int32)
     # Only beam 0 is live at the start (the K rows are identical): no duplicate hypotheses.
     init_logp = jnp.where(jnp.arange(k) == 0, 0.0, NEG_INF)[None].repeat(b, axis=0)
     state = _BeamState(jnp.int32(0), zeros, init_logp, zeros, jnp.full((b, k), NEG_INF, jnp.float32), None)
-    state = select(state, logits, cache)
+    carry = select(state, jnp.zeros((b,), bool), logits, cache)
 
-    def cond(state: _BeamState):
-        bound_len = jnp.where(alpha >= 0, max_len, state.t + 1)
-        best_possible = state.alive_logp[:, 0] / lp(bound_len)
-        done = jnp.logical_and(early_stop, jnp.all(state.fin_score[:, -1] > best_possible))
-        return jnp.logical_and(state.t < max_len, jnp.logical_not(done))
+    def cond(carry):
+        state, done = carry
+        if hf_like:
+            stop = jnp.all(done)
+        else:
+            bound_len = jnp.where(alpha >= 0, max_len, state.t + 1)
+            best_possible = state.alive_logp[:, 0] / lp(bound_len)
+            stop = jnp.logical_and(early_stop, jnp.all(state.fin_score[:, -1] > best_possible))
+        return jnp.logical_and(state.t < max_len, jnp.logical_not(stop))
 
-    def body(state: _BeamState):
+    def body(carry):
+        state, done = carry
         last = jax.lax.dynamic_index_in_dim(state.alive_seq, state.t - 1, axis=2, keepdims=False)
         logits, cache = fam.decode_step(params, state.cache, last.reshape(bk), context, state.t)
-        return select(state, logits, cache)
+        return select(state, done, logits, cache)
 
-    state = jax.lax.while_loop(cond, body, state)
-    # Hypotheses alive at max_len are complete too (without EOS).
-    alive_score = jnp.where(state.t >= max_len, state.alive_logp / lp(max_len), NEG_INF)
+    state, done = jax.lax.while_loop(cond, body, carry)
+    # Hypotheses alive at max_len are complete too (without EOS), unless their example is done.
+    alive_ok = jnp.logical_and(state.t >= max_len, ~done)[:, None]
+    alive_score = jnp.where(alive_ok, state.alive_logp / lp(max_len), NEG_INF)
     scores = jnp.concatenate([state.fin_score, alive_score], axis=1)
     seqs = jnp.concatenate([state.fin_seq, state.alive_seq], axis=1)
     best = jnp.argmax(scores, axis=1)

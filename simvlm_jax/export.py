@@ -31,6 +31,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import ml_dtypes
+from jax.experimental import multihost_utils
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
@@ -70,7 +71,6 @@ def unflatten_params(flat: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def _to_host(x: jax.Array) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))
 
@@ -266,7 +266,7 @@ def load_export(export_dir: str) -> tuple[Any, dict[str, Any], Any]:
         params = jax.tree_util.tree_map(lambda x: x.astype(np.float32) if _is_float(x.dtype) else x, params)
     vocab = None
     if info["tokenizer"]["type"] == "sentencepiece":
-        import seqio  # pylint: disable=g-import-not-at-top  (TensorFlow: only when a vocabulary is loaded)
+        import seqio  # pylint: disable=g-import-not-at-top  (TensorFlow: only to load a vocabulary)
         vocab = seqio.SentencePieceVocabulary(os.path.join(export_dir, TOKENIZER_FILE))
     elif info["tokenizer"]["type"] == "open_clip":
         from simvlm_jax.data import clip_tokenizer  # pylint: disable=g-import-not-at-top  (seqio -> TensorFlow)

@@ -5,7 +5,6 @@ import json
 import os
 import sys
 import time
-from typing import Any
 
 import jax
 
@@ -20,7 +19,8 @@ class MetricWriter:
         os.makedirs(work_dir, exist_ok=True)
         self._jsonl = open(os.path.join(work_dir, "metrics.jsonl"), "a", encoding="utf-8")
         if tensorboard:
-            from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+            # Lazy: tensorboardX imports PyTorch whenever it is installed (seconds, for every CLI).
+            from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (loads PyTorch)
             self._tb = SummaryWriter(os.path.join(work_dir, "tensorboard"))
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:

@@ -103,6 +103,7 @@ def loaded(bundle):
     return model, params, vocab, good, want
 
 
+@pytest.mark.slow
 def test_caption_cli_subprocess(bundle, loaded, tmp_path):
     export_dir, p = bundle
     good, want = loaded[3], loaded[4]

@@ -1,5 +1,6 @@
-"""The command line (`python -m simvlm_jax.main`): one-line errors with exit code 2, and a tiny
-prepare -> train -> eval -> export run end to end."""
+"""The command line (`python -m simvlm_jax.main`): one-line errors with exit code 2 (in process),
+internal errors with their traceback, and a tiny prepare -> train -> eval -> export run end to end
+(a subprocess)."""
 from __future__ import annotations
 
 import json
@@ -11,53 +12,85 @@ import numpy as np
 import pytest
 
 from conftest import PYTHON, REPO_ROOT
+from simvlm_jax import main, partitioning
 
 
 def run_cli(*args, timeout=300):
+    """`python -m simvlm_jax.main ARGS` as a subprocess (end-to-end tests)."""
     env = dict(os.environ)  # conftest already put the 8-device XLA_FLAGS here
     env.setdefault("PYTHONHASHSEED", "0")
     return subprocess.run([PYTHON, "-m", "simvlm_jax.main", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert lines, proc.stderr
+def run_main(capsys, *args) -> tuple[int, str]:
+    """`python -m simvlm_jax.main ARGS` in this process: (exit code, stderr)."""
+    code = main.main(list(args))
+    return code, capsys.readouterr().err
+
+
+def _assert_one_line_error(code, err, *needles):
+    assert code == 2, (code, err[-3000:])
+    lines = [l for l in err.splitlines() if l.strip()]
     error_lines = [l for l in lines if l.startswith("error:")]
-    assert len(error_lines) == 1, proc.stderr[-3000:]
+    assert len(error_lines) == 1, err[-3000:]
     last = lines[-1]
-    assert last.startswith("error:"), f"last stderr line is not the error: {last!r}\n{proc.stderr[-3000:]}"
+    assert last.startswith("error:"), f"last stderr line is not the error: {last!r}\n{err[-3000:]}"
     for needle in needles:
         assert needle in last, (needle, last)
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in err
 
 
-def test_help():
-    proc = run_cli("--help", timeout=120)
-    assert proc.returncode == 0, proc.stderr
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
     for word in ("--mode", "--gin_file", "--print_json", "prepare", "export"):
-        assert word in proc.stdout
+        assert word in out
 
 
-def test_unknown_gin_binding():
-    _assert_one_line_error(run_cli("--gin_file=gin/demo.gin", "--gin.NoSuch.thing=1"), "NoSuch")
+def test_unknown_gin_binding(capsys, clean_gin):
+    _assert_one_line_error(*run_main(capsys, "--gin_file=gin/demo.gin", "--gin.NoSuch.thing=1"), "NoSuch")
 
 
-def test_missing_gin_file():
-    _assert_one_line_error(run_cli("--gin_file=gin/does_not_exist.gin"), "does_not_exist.gin")
+def test_missing_gin_file(capsys, clean_gin):
+    _assert_one_line_error(*run_main(capsys, "--gin_file=gin/does_not_exist.gin"), "does_not_exist.gin")
 
 
-def test_unknown_mode():
-    _assert_one_line_error(run_cli("--gin_file=gin/demo.gin", "--mode=train,fly"), "fly")
+def test_unknown_mode(capsys, clean_gin):
+    _assert_one_line_error(*run_main(capsys, "--gin_file=gin/demo.gin", "--mode=train,fly"), "fly")
 
 
-def test_bad_config_value():
+def test_bad_config_value(capsys, clean_gin):
     """A value our own validation rejects (width not divisible by num_heads=4 of simvlm_tiny.gin)."""
-    proc = run_cli("--gin_file=gin/demo.gin", "--gin.SimVLMConfig.width=130", "--mode=train")
-    _assert_one_line_error(proc, "width=130", "num_heads")
+    code, err = run_main(capsys, "--gin_file=gin/demo.gin", "--gin.SimVLMConfig.width=130", "--mode=train")
+    _assert_one_line_error(code, err, "width=130", "num_heads")
 
 
+def test_binding_another_familys_config_is_one_line(capsys, clean_gin):
+    """demo.gin selects SimVLM: a CoCaConfig binding would be ignored silently, so it is an error
+    naming both config classes and the switch."""
+    code, err = run_main(capsys, "--gin_file=gin/demo.gin", "--gin.CoCaConfig.encoder_width=64", "--mode=train")
+    _assert_one_line_error(code, err, "CoCaConfig.encoder_width", "SimVLMConfig", "model_family.name")
+
+
+def test_internal_errors_keep_their_traceback(capsys, clean_gin, monkeypatch):
+    """A ValueError raised inside a library (here numpy, as a JAX shape error would be) is a bug,
+    not a config mistake: it propagates with its traceback instead of becoming one line."""
+    def broken(modes):
+        return np.zeros(3).reshape(2)
+    monkeypatch.setattr(main.experiment, "run", broken)
+    with pytest.raises(ValueError, match="reshape"):
+        main.main(["--gin_file=gin/demo.gin", "--mode=train"])
+
+    def user_mistake(modes):
+        return partitioning.make_mesh(data=3, fsdp=5)  # our own check: names the setting
+    monkeypatch.setattr(main.experiment, "run", user_mistake)
+    _assert_one_line_error(*run_main(capsys, "--gin_file=gin/demo.gin", "--mode=train"), "make_mesh")
+
+
+@pytest.mark.slow
 def test_end_to_end_prepare_train_eval_export(tmp_path):
     from simvlm_jax import checkpointing, export, partitioning, train
 

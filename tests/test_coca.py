@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from simvlm_jax import losses, partitioning
-from simvlm_jax.models import coca, family
+from simvlm_jax.models import coca, family, registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = 4
@@ -377,7 +377,7 @@ def test_sharded_contrastive_loss_equals_dense_formula():
 def test_paper_config_param_counts(name, expected, clean_gin):
     """Paper Table 1 sizes (which count encoder + decoder; the poolers add ~1%)."""
     gin.parse_config_file(os.path.join(REPO, "gin", "models", f"{name}.gin"))
-    params = nn.meta.unbox(coca.CoCaFamily(coca.CoCaConfig()).abstract_params())
+    params = nn.meta.unbox(registry.model_family().abstract_params())
     total = family.count_params(params)
     assert abs(total - expected) / expected < 0.02, total
     without_poolers = total - family.count_params(params["pooler"])
@@ -386,7 +386,7 @@ def test_paper_config_param_counts(name, expected, clean_gin):
 
 def test_2b_and_tiny_configs_build(clean_gin):
     gin.parse_config_file(os.path.join(REPO, "gin", "models", "coca_2b.gin"))
-    total = family.count_params(nn.meta.unbox(coca.CoCaFamily(coca.CoCaConfig()).abstract_params()))
+    total = family.count_params(nn.meta.unbox(registry.model_family().abstract_params()))
     assert 2.0e9 < total < 2.3e9, total
     gin.clear_config()
     gin.parse_config_file(os.path.join(REPO, "gin", "models", "coca_tiny.gin"))

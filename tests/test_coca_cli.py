@@ -8,9 +8,12 @@ import os
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 from test_cli import run_cli
+
+pytestmark = pytest.mark.slow  # CoCa's end-to-end CLI run
 
 COMMON = ("--gin.NUM_STEPS=3", "--gin.BATCH_SIZE=8", "--gin.prepare_builtin.num_train=200",
           "--gin.prepare_builtin.num_heldout=16", "--gin.prepare_builtin.num_text=200",

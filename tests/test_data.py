@@ -427,7 +427,8 @@ def test_skipped_counts_are_exact_with_grain_workers(vocab, tmp_path):
     name = "test_bad_data_workers"
     captions = dict(zip(("good0", "good1", "good2"), _mixed_shard_task(vocab, tmp_path, name)))
     # Independent oracle: the pipeline's per-epoch shuffle of the 7 records, rebuilt from its seed.
-    order = grain.MapDataset.range(len(MIXED_SHARD)).seed(pipeline._task_seed(0, name)).shuffle().repeat()  # pylint: disable=protected-access
+    seed = pipeline._task_seed(0, name)  # pylint: disable=protected-access
+    order = grain.MapDataset.range(len(MIXED_SHARD)).seed(seed).shuffle().repeat()
     good_order = [MIXED_SHARD[order[p]] for p in range(60) if MIXED_SHARD[order[p]].startswith("good")]
     batch, steps = 2, 6  # batches straddle epochs (3 good samples each)
     runs = {}

@@ -25,6 +25,7 @@ def test_agreement_cuts_at_eos():
     assert decode_benchmark._agreement(ours, theirs, 3) == pytest.approx(2 / 3)  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_decode_benchmark_cli_matches_open_clip_greedy():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
     out = subprocess.run(

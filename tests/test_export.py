@@ -23,7 +23,7 @@ from safetensors.numpy import load_file
 from conftest import tiny_config
 from simvlm_jax import convert_open_clip, export
 from simvlm_jax.data import tokenizer
-from simvlm_jax.models import coca, simvlm
+from simvlm_jax.models import coca, registry, simvlm
 
 SENTENCES = ["a red square on a blue background", "a green circle next to a yellow triangle",
              "two dogs playing in the park", "a small cat sleeping on a wooden chair"]
@@ -42,8 +42,8 @@ BF16_OUTPUT_RTOL = 2e-2
 @functools.lru_cache(maxsize=None)
 def _init_fn(cfg):
     """Jitted init per config (compiled once, reused across seeds and tests)."""
-    model = simvlm.SimVLM(cfg) if isinstance(cfg, simvlm.SimVLMConfig) else coca.CoCa(cfg)
-    dummy = simvlm.dummy_batch(cfg) if isinstance(cfg, simvlm.SimVLMConfig) else coca.dummy_batch(cfg)
+    fam = registry.family_of(cfg)
+    model, dummy = fam.module, fam.dummy_batch()
     return jax.jit(lambda key: nn.meta.unbox(model.init(key, dummy))["params"])
 
 
@@ -214,13 +214,13 @@ def test_bf16_export(model_and_params, vocab_path, tmp_path):
 
 
 def test_open_clip_files_in_bundle(tmp_path, clean_gin):
-    """`export.open_clip_state_dict = True` (gin) adds open_clip's files; a config open_clip cannot
-    represent fails before anything is written."""
-    gin.parse_config("export.open_clip_state_dict = True")
+    """`writers=[convert_open_clip.OpenClipWriter(cfg)]` adds open_clip's files; a config open_clip
+    cannot represent fails before anything is written."""
     cfg = coca.CoCaConfig(**COCA_OPEN_CLIP)
     params = _init(cfg, seed=2)
-    out = export.export(params, cfg, None, str(tmp_path / "oc"), dtype="bfloat16")
-    oc_dir = os.path.join(out, export.OPEN_CLIP_DIR)
+    out = export.export(params, cfg, None, str(tmp_path / "oc"), dtype="bfloat16",
+                        writers=[convert_open_clip.OpenClipWriter(cfg)])
+    oc_dir = os.path.join(out, convert_open_clip.OpenClipWriter.name)
     config = json.loads(open(os.path.join(oc_dir, "open_clip_config.json")).read())
     assert config["model_cfg"] == convert_open_clip.config_to_open_clip(cfg)
     np.testing.assert_allclose(config["preprocess_cfg"]["mean"], [0.48145466, 0.4578275, 0.40821073])
@@ -235,7 +235,8 @@ def test_open_clip_files_in_bundle(tmp_path, clean_gin):
 
     paper = coca.CoCaConfig(**COCA_TINY)
     with pytest.raises(ValueError, match="no open_clip equivalent"):
-        export.export(_init(paper, seed=2), paper, None, str(tmp_path / "paper"))
+        export.export(_init(paper, seed=2), paper, None, str(tmp_path / "paper"),
+                      writers=[convert_open_clip.OpenClipWriter(paper)])
     assert not os.path.exists(tmp_path / "paper") and not os.path.exists(tmp_path / "paper.tmp")
 
 
@@ -244,9 +245,9 @@ def test_export_open_clip_bin_needs_torch(tmp_path, monkeypatch):
     params = _init(cfg, seed=0)
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     with pytest.raises(ImportError, match="needs PyTorch"):
-        export.export_open_clip(params, cfg, str(tmp_path / "oc"), formats=("bin",))
+        convert_open_clip.export_open_clip(params, cfg, str(tmp_path / "oc"), formats=("bin",))
     with pytest.raises(ValueError, match="formats"):
-        export.export_open_clip(params, cfg, str(tmp_path / "oc"), formats=("onnx",))
+        convert_open_clip.export_open_clip(params, cfg, str(tmp_path / "oc"), formats=("onnx",))
 
 
 # ----------------------------------------------------------------------------- load_params_for_training

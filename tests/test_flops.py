@@ -15,10 +15,11 @@ import re
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import pytest
 
 from conftest import tiny_config
-from simvlm_jax import flops, train
+from simvlm_jax import flops, losses, model_table
 from simvlm_jax.models import coca, simvlm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +65,7 @@ def xla_flops(fn, *args) -> tuple[float, float]:
 
 def _coca(overrides: dict):
     cfg = coca.CoCaConfig(**{**COCA, **overrides})
-    params = nn.meta.unbox(coca.abstract_params(cfg))
+    params = nn.meta.unbox(coca.CoCaFamily(cfg).abstract_params())
     return cfg, coca.CoCa(cfg), params, jax.eval_shape(lambda: coca.dummy_batch(cfg, B))
 
 
@@ -93,7 +94,8 @@ def test_coca_train_flops_match_xla():
     """Backward = 2 x forward, except that no gradient flows into the pixels: the patch
     embedding's input-gradient matmul (1 x its forward) is not executed."""
     cfg, model, params, batch = _coca({})
-    loss = lambda p, b: coca.coca_loss(model.apply({"params": p}, b), b["target_tokens"])[0]
+    loss = lambda p, b: losses.contrastive_caption_objective(
+        model.apply({"params": p}, b), b["target_tokens"], weights={"contrastive": 1.0, "caption": 2.0}).value
     matmuls, total = xla_flops(jax.value_and_grad(loss), params, batch)
     analytic = flops.coca_train_flops_per_example(cfg, batch_size=B, count_masked=True)
     patch_embed = 2 * cfg.num_patches * cfg.patch_size ** 2 * 3 * cfg.encoder_width
@@ -126,7 +128,9 @@ def test_simvlm_forward_flops_equal_compiled_matmuls(overrides):
 
 def test_simvlm_train_flops_match_xla():
     cfg, model, params, batch = _simvlm(dict(stem_stages=0, patch_size=16))
-    loss = lambda p, b: train.prefix_lm_loss(model.apply({"params": p}, b), b["target_tokens"])[0]
+    def loss(p, b):
+        obj = losses.prefix_lm_objective(model.apply({"params": p}, b), b["target_tokens"])
+        return obj.value / jnp.maximum(obj.weight, 1)
     matmuls, total = xla_flops(jax.value_and_grad(loss), params, batch)
     analytic = flops.simvlm_train_flops_per_example(cfg, count_masked=True)
     patch_embed = 2 * cfg.num_image_tokens * cfg.patch_size ** 2 * 3 * cfg.width
@@ -135,8 +139,8 @@ def test_simvlm_train_flops_match_xla():
 
 
 def test_docs_models_table_is_current():
-    """docs/models.md holds the output of `python -m simvlm_jax.flops --table` for every gin/models config."""
-    rows = flops.model_rows()
+    """docs/models.md holds the output of `python -m simvlm_jax.model_table` for every gin/models config."""
+    rows = model_table.model_rows()
     gin_files = {os.path.splitext(f)[0] for f in os.listdir(os.path.join(REPO, "gin", "models"))}
     assert {r.name for r in rows} == gin_files
     by_name = {r.name: r for r in rows}
@@ -147,7 +151,7 @@ def test_docs_models_table_is_current():
     assert abs(base.num_params - base.pooler_params - 383e6) / 383e6 < 0.005
     with open(os.path.join(REPO, "docs", "models.md"), encoding="utf-8") as f:
         doc = f.read()
-    tables = flops.markdown_tables(rows).strip().split("\n\n")
+    tables = model_table.markdown_tables(rows).strip().split("\n\n")
     assert len(tables) == 2
     for table in tables:
-        assert table in doc, "docs/models.md is stale; regenerate: python -m simvlm_jax.flops --table"
+        assert table in doc, "docs/models.md is stale; regenerate: python -m simvlm_jax.model_table"

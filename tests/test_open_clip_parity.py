@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from simvlm_jax import convert_open_clip as conv
-from simvlm_jax.models import coca
+from simvlm_jax.models import coca, family, registry
 
 torch = pytest.importorskip("torch")
 
@@ -169,11 +169,11 @@ def test_gin_configs_match_open_clip(name, clean_gin):
     model_cfg = open_clip.get_model_config(name)
     expected = conv.config_from_open_clip(model_cfg)
     gin.parse_config_file(os.path.join(REPO, "gin", "models", f"{name}.gin"))
-    assert coca.CoCaConfig() == expected
+    assert registry.model_family().config == expected
     with torch.device("meta"):
         tmodel = open_clip.CoCa(**{k: v for k, v in model_cfg.items() if k != "custom_text"})
     n_torch = sum(p.numel() for p in tmodel.parameters())
-    n_ours = coca.count_params(nn.meta.unbox(coca.abstract_params(expected)))
+    n_ours = family.count_params(nn.meta.unbox(coca.CoCaFamily(expected).abstract_params()))
     assert n_ours == n_torch, (n_ours, n_torch)
 
 
@@ -248,10 +248,10 @@ def test_export_loads_in_open_clip(tmp_path, monkeypatch):
     params = _ours_random(cfg)
     images, text = _inputs()
     ours = _ours_outputs(coca.CoCa(cfg), params, images, text)
-    bundle = export.export(params, cfg, None, str(tmp_path / "bundle"), open_clip_state_dict=True)
+    bundle = export.export(params, cfg, None, str(tmp_path / "bundle"), writers=[conv.OpenClipWriter(cfg)])
 
     # 1. The bundle's open_clip/ dir: config + safetensors, via open_clip's local-dir schema.
-    tmodel = open_clip.create_model(f"local-dir:{bundle}/{export.OPEN_CLIP_DIR}").eval()
+    tmodel = open_clip.create_model(f"local-dir:{bundle}/{conv.OpenClipWriter.name}").eval()
     assert isinstance(tmodel, open_clip.CoCa)
     _compare_with_open_clip(tmodel, ours, images, text, rtol=1e-4)
 
@@ -269,6 +269,6 @@ def test_export_loads_in_open_clip(tmp_path, monkeypatch):
 
     # 3. bf16 weights load into open_clip's float32 model; outputs move by bf16 rounding only
     # (measured: 0.4% image, 1.3% text embedding, 0.9% logits).
-    bf16_dir = export.export_open_clip(params, cfg, str(tmp_path / "bf16"), dtype="bfloat16")
+    bf16_dir = conv.export_open_clip(params, cfg, str(tmp_path / "bf16"), dtype="bfloat16")
     tmodel = open_clip.create_model(f"local-dir:{bf16_dir}").eval()
     _compare_with_open_clip(tmodel, ours, images, text, rtol=3e-2)

@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from simvlm_jax import partitioning, train
-from simvlm_jax.models import coca, simvlm
+from simvlm_jax import losses, partitioning
+from simvlm_jax.models import coca, registry, simvlm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 8
@@ -61,7 +61,9 @@ def _gin_config(name: str, config_cls):
     gin.clear_config()
     try:
         gin.parse_config_file(os.path.join(REPO, "gin", "models", f"{name}.gin"))
-        return config_cls()
+        cfg = registry.model_family().config
+        assert isinstance(cfg, config_cls), (name, cfg)
+        return cfg
     finally:
         gin.clear_config()
 
@@ -90,7 +92,8 @@ def _simvlm_case(params: dict | None = None, **overrides) -> Case:
 
     def loss_fn(params, b, mesh):
         logits = model.apply({"params": params}, b)
-        return train.prefix_lm_loss(logits, b["target_tokens"])[0], {"logits": logits}
+        obj = losses.prefix_lm_objective(logits, b["target_tokens"])
+        return obj.value / jnp.maximum(obj.weight, 1), {"logits": logits}
     return Case("simvlm_tiny", cfg, boxed, host_init(boxed) if params is None else params, batch, loss_fn)
 
 
@@ -104,9 +107,11 @@ def _coca_case(params: dict | None = None, **overrides) -> Case:
 
     def loss_fn(params, b, mesh):
         out = model.apply({"params": params}, b)
-        loss = coca.coca_loss(out, b["target_tokens"], mesh=mesh)[0]
+        batch_axes = partitioning.batch_mesh_axes(mesh) if mesh is not None else ()
+        loss = losses.contrastive_caption_objective(out, b["target_tokens"], weights=dict(coca.CoCaFamily.loss_weights),
+                                                    mesh=mesh, batch_axes=batch_axes).value
         return loss, {k: out[k] for k in ("logits", "image_embed", "text_embed")}
-    boxed = coca.abstract_params(cfg)
+    boxed = coca.CoCaFamily(cfg).abstract_params()
     return Case("coca_tiny", cfg, boxed, host_init(boxed) if params is None else params, batch, loss_fn)
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import tiny_config
 from simvlm_jax import export, zero_shot
 from simvlm_jax.data import tokenizer
-from simvlm_jax.models import coca, simvlm
+from simvlm_jax.models import coca, layers, registry, simvlm
 
 SENTENCES = [
     "a red square on a blue background",
@@ -262,6 +262,51 @@ def test_simvlm_caption_likelihood(vocab, tiny_simvlm, scan_layers, prompt):
                                               dataclasses.replace(opts, score="mean"))
     np.testing.assert_allclose(got_mean, total / lengths[None], rtol=1e-5, atol=1e-5)
     assert np.ptp(got_mean, axis=0).max() > 0  # the score depends on the image
+
+
+def _interceptor_scores(model, params, images, targets, prompt_ids):
+    """The scores of the previous implementation (a flax method interceptor folding the captions
+    of one image into its cross-attention queries), kept here as the reference."""
+    def shared_image_cross_attention(next_fun, args, kwargs, context):
+        module = context.module
+        if not (isinstance(module, layers.Attention) and module.is_cross and not module.decode
+                and context.method_name == "__call__"):
+            return next_fun(*args, **kwargs)
+        x, kv, mask = args
+        rows, t, d = x.shape
+        bi = kv.shape[0]
+        return next_fun(x.reshape(bi, (rows // bi) * t, d), kv, mask, **kwargs).reshape(rows, t, d)
+
+    @jax.jit
+    def scores(params, images, prefix, targets):
+        encoded, valid = model.apply({"params": params}, images, prefix, jnp.ones((len(images),), jnp.int32),
+                                     method=model.encode)
+        tiled = jnp.tile(targets, (images.shape[0], 1))
+        with nn.intercept_methods(shared_image_cross_attention):
+            logits = model.apply({"params": params}, simvlm.shift_right(tiled), encoded, valid, method=model.decode)
+        target_logit = jnp.take_along_axis(logits, tiled[..., None], axis=-1)[..., 0]
+        logp = target_logit - jax.nn.logsumexp(logits, axis=-1)
+        return jnp.sum(jnp.where(tiled != 0, logp, 0.0), axis=-1).reshape(images.shape[0], targets.shape[0])
+
+    return np.asarray(scores(params, images, np.tile(prompt_ids, (len(images), 1)), targets))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_simvlm_scores_bit_identical_to_the_interceptor_path(vocab, tiny_simvlm, scan_layers):
+    """Scoring through the family interface (one image encoding shared by its captions in the
+    decoder's cross-attention) gives exactly the scores of the old interceptor path."""
+    model, params = _simvlm(True) if scan_layers else tiny_simvlm
+    images = _images(2, 32, seed=4)
+    fam = registry.family_of(model)
+    prompt_ids = fam.prompt_ids(vocab, "a photo of")
+    targets, _ = zero_shot.tokenize_captions(vocab, TEXTS[:4], 16)
+    got = zero_shot.caption_scores(fam, params, images, targets, prompt_ids, score="sum",
+                                   image_batch_size=2, text_batch_size=4)
+    order, (chunk,) = zero_shot.length_sorted_chunks(targets, 4)  # the same chunk caption_scores decodes
+    want = np.zeros_like(got)
+    want[:, order] = _interceptor_scores(model, params, images, jnp.asarray(chunk), prompt_ids)
+    np.testing.assert_array_equal(got, want)
+    assert np.ptp(got) > 0
 
 
 def test_simvlm_classification_averages_templates(vocab, tiny_simvlm):

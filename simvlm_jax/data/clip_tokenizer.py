@@ -18,6 +18,7 @@ import importlib.util
 import os
 
 import gin
+import regex
 import seqio
 
 SOT_ID, EOT_ID = 49406, 49407
@@ -60,10 +61,6 @@ class ClipBpeVocabulary(seqio.Vocabulary):
     """CLIP BPE ids (no extra ids). `encode` gives the caption's ids without <start>/<end>."""
 
     def __init__(self, merges_path: str | None = None):
-        try:
-            import regex  # pylint: disable=g-import-not-at-top
-        except ImportError as e:
-            raise ImportError("ClipBpeVocabulary needs the `regex` package: pip install regex") from e
         self._regex = regex.compile(_WORD_PATTERN, regex.IGNORECASE)
         self.merges_path = merges_path or default_merges_path()
         opener = gzip.open if self.merges_path.endswith(".gz") else open
@@ -150,7 +147,7 @@ class ClipBpeVocabulary(seqio.Vocabulary):
 
 def _clean(text: str) -> str:
     try:
-        import ftfy  # pylint: disable=g-import-not-at-top
+        import ftfy  # pylint: disable=g-import-not-at-top  (optional: ftfy, not in install_requires)
         text = ftfy.fix_text(text)
     except ImportError:  # ftfy only repairs mojibake; clean UTF-8 text is unaffected
         pass

@@ -31,6 +31,9 @@ import os
 import sys
 from typing import Any, Sequence
 
+from array_record.python import array_record_module
+from tqdm import tqdm
+
 from simvlm_jax.data import preprocessors as pp
 from simvlm_jax.data import sources
 
@@ -117,8 +120,6 @@ def convert(source, output: str, shard_size: int = 0, text_only: bool = False, c
 
     With sharding, files hold `shard_size` input samples each (fewer good records where
     samples were skipped)."""
-    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     if sources.is_remote(output):
         raise ValueError(f"--output {output}: ArrayRecord files are written to a local path (the C++ writer "
                          f"takes no URL). Write locally, then copy (e.g. `gcloud storage cp`).")

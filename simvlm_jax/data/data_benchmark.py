@@ -53,21 +53,17 @@ import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import seqio
+import tensorflow as tf
+import tensorflow_text as tftext
+
+from simvlm_jax.benchmark import add_data_args
+from simvlm_jax.data import convert, pipeline, sources, synthetic, tasks, tokenizer
+from simvlm_jax.data import preprocessors as pp
 
 # SimVLM-Base's measured training rate on one H100 (README, "Scaling out": cuDNN attention,
 # bf16, batch 256): the input rate one GPU consumes.
 H100_SIMVLM_BASE_EXAMPLES_PER_S = 1090
-
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("data benchmark")
-    g.add_argument("--data_num_images", type=int, default=512, help="generated images (data)")
-    g.add_argument("--data_passes", type=int, default=2, help="timed passes over them per round (data)")
-    g.add_argument("--data_rounds", type=int, default=3, help="rounds of timing every pipeline in turn (data)")
-    g.add_argument("--data_image_size", type=int, default=224, help="output image size (data)")
-    g.add_argument("--data_source_size", type=int, default=256, help="generated JPEG size (data)")
-    g.add_argument("--data_batch_size", type=int, default=32, help="batch size (data)")
-    g.add_argument("--data_work_dir", default=None, help="where to write the data (default: a temp dir)")
 
 
 def _arg(args, name, default):
@@ -106,7 +102,6 @@ def _per_image_us(fn: Callable[[Any], Any], items: Sequence[Any], repeats: int =
 
 def _stage_times(records: Sequence[dict[str, Any]], image_size: int, vocab) -> dict[str, float]:
     """CPU us per image of each stage of the grain path, fast and PIL variants."""
-    from simvlm_jax.data import preprocessors as pp  # pylint: disable=g-import-not-at-top
     jpgs = [r["jpg"] for r in records]
     arrays = [pp.decode_image(j, min_size=image_size) for j in jpgs]
     tok = pp.Tokenize(vocab, 48)
@@ -127,8 +122,6 @@ def _psnr(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
 def _quality(records: Sequence[dict[str, Any]], image_size: int) -> dict[str, float]:
     """PSNR (dB) of grain's images (fast and PIL paths) against tf.data's: end to end (each side
     decodes), and resize only (tf.image.resize given the pixels our decoder produced)."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from simvlm_jax.data import preprocessors as pp  # pylint: disable=g-import-not-at-top
     ours = {name: [pp.DecodeImage(image_size, fast=fast).map(r)["image"] for r in records]
             for name, fast in (("grain", True), ("grain_pil", False))}
     tf_end_to_end = [_tf_image(r["jpg"], image_size).numpy() for r in records]
@@ -141,12 +134,10 @@ def _quality(records: Sequence[dict[str, Any]], image_size: int) -> dict[str, fl
 
 def _tf_image(jpeg, image_size: int):
     """tf.data's image work: decode, bicubic antialiased resize of the shorter side, center crop, uint8."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     return _tf_resize_crop(tf.io.decode_jpeg(jpeg, channels=3), image_size)
 
 
 def _tf_resize_crop(img, image_size: int):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     h, w = tf.shape(img)[0], tf.shape(img)[1]
     scale = image_size / tf.cast(tf.minimum(h, w), tf.float32)
     nh = tf.maximum(image_size, tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32))
@@ -159,8 +150,6 @@ def _tf_resize_crop(img, image_size: int):
 
 def _pil_task(name: str, like: str, image_size: int) -> str:
     """Registers `name`: task `like` with a PIL-only image decoder (DecodeImage(fast=False))."""
-    import seqio  # pylint: disable=g-import-not-at-top
-    from simvlm_jax.data import preprocessors as pp  # pylint: disable=g-import-not-at-top
     task = seqio.get_mixture_or_task(like)
     if name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)
@@ -173,17 +162,15 @@ def _pil_task(name: str, like: str, image_size: int) -> str:
 
 def _tf_pipeline(tfrecord: str, spm_path: str, image_size: int, max_prefix_len: int, max_target_len: int,
                  batch_size: int, seed: int = 0):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    import tensorflow_text as tftext  # pylint: disable=g-import-not-at-top
     with open(spm_path, "rb") as f:
-        tokenizer = tftext.SentencepieceTokenizer(model=f.read(), out_type=tf.int32)
+        sp_tokenizer = tftext.SentencepieceTokenizer(model=f.read(), out_type=tf.int32)
     total = max_prefix_len + max_target_len
     spec = {"jpg": tf.io.FixedLenFeature([], tf.string), "txt": tf.io.FixedLenFeature([], tf.string)}
 
     def process(serialized):
         ex = tf.io.parse_single_example(serialized, spec)
         img = _tf_image(ex["jpg"], image_size)
-        tokens = tokenizer.tokenize(ex["txt"])[: total - 1]
+        tokens = sp_tokenizer.tokenize(ex["txt"])[: total - 1]
         tokens = tf.concat([tokens, [1]], 0)
         n = tf.size(tokens)
         max_k = tf.minimum(max_prefix_len, n - 1)
@@ -209,8 +196,6 @@ def _tf_pipeline(tfrecord: str, spm_path: str, image_size: int, max_prefix_len: 
 
 def _prepare(tmp: str, num_images: int, source_size: int) -> dict[str, Any]:
     """Writes the benchmark data: tar shards, ArrayRecord, TFRecord and a SentencePiece model."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from simvlm_jax.data import convert, sources, synthetic, tokenizer  # pylint: disable=g-import-not-at-top
     synthetic.generate(tmp, image_size=source_size, num_train=num_images, num_heldout=0, num_text=500,
                        samples_per_shard=max(1, num_images // 4))
     tar_glob = os.path.join(tmp, "train", "*.tar")
@@ -243,14 +228,12 @@ def run(args: argparse.Namespace | None = None) -> dict[str, Any]:
     work_dir = _arg(args, "data_work_dir", None)
     max_prefix_len, max_target_len = 16, 32
 
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     for setter in (tf.config.threading.set_inter_op_parallelism_threads,
                    tf.config.threading.set_intra_op_parallelism_threads):
         try:
             setter(1)
         except RuntimeError:  # TF already initialized in this process: tf.data options still apply
             pass
-    from simvlm_jax.data import pipeline, tasks  # pylint: disable=g-import-not-at-top
 
     tmp = work_dir or tempfile.mkdtemp(prefix="simvlm_data_bench_")
     try:
@@ -326,7 +309,7 @@ def _report(results: dict[str, dict], psnr: dict[str, float], stages: dict[str, 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simvlm_jax.data.data_benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(parser)
+    add_data_args(parser)
     print(json.dumps(run(parser.parse_args(argv))))
     return 0
 

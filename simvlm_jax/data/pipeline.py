@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from typing import Any, Sequence
 
-# The input pipeline must never take accelerator memory: hide GPUs from TF
-# (imported by seqio/tfds) before anything imports it.
-import tensorflow as tf  # noqa: E402  pylint: disable=g-import-not-at-top
+# The input pipeline must never take accelerator memory: hide GPUs from TF before
+# anything else imports it (seqio, tfds below), so the imports after this block are
+# below code on purpose.
+import tensorflow as tf
 try:
     tf.config.set_visible_devices([], "GPU")
 except RuntimeError:  # already initialized; nothing was placed on a GPU by us
     pass
 
-from typing import Any, Sequence  # noqa: E402
-
+# pylint: disable=g-import-not-at-top  (after hiding GPUs from TensorFlow, above)
+from absl import flags  # noqa: E402
 import gin  # noqa: E402
 import grain  # noqa: E402
 import jax  # noqa: E402
@@ -35,6 +37,7 @@ import numpy as np  # noqa: E402
 import seqio  # noqa: E402
 
 from simvlm_jax.data import preprocessors as pp  # noqa: E402
+# pylint: enable=g-import-not-at-top
 
 
 def _task_seed(seed: int, name: str) -> int:
@@ -133,7 +136,6 @@ def make_train_iterator(mixture_or_task_name: str = gin.REQUIRED, global_batch_s
         # Workers preprocess interleaved elements (worker w: w, w+W, ...) and are read back
         # round-robin, then batched here: batches equal the worker-free pipeline's, bad data
         # included, because a skipped example stays in its worker's stream as a marker.
-        from absl import flags  # pylint: disable=g-import-not-at-top
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; we don't use absl's CLI
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))

@@ -47,8 +47,16 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Sequence
 
+import fsspec
+from fsspec.registry import known_implementations
+import grain
+import msgpack
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import seqio
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt", "json")
@@ -76,7 +84,6 @@ class MissingPackageError(ImportError, ValueError):
 
 def _backend_package(protocol: str) -> str:
     """The package fsspec needs for `protocol` (e.g. 'gcsfs' for gs)."""
-    from fsspec.registry import known_implementations  # pylint: disable=g-import-not-at-top
     impl = known_implementations.get(protocol, {}).get("class", "")
     return impl.split(".")[0] or protocol
 
@@ -85,11 +92,6 @@ def filesystem(url: str):
     """(fsspec filesystem, path in it) for a URL. A missing backend is a MissingPackageError naming
     the package to install. Not cached here: fsspec caches instances itself, per process (fork-safe)."""
     protocol = url.split("://", 1)[0]
-    try:
-        import fsspec  # pylint: disable=g-import-not-at-top
-    except ImportError:
-        raise MissingPackageError(f"Reading {protocol}:// paths ({url}) needs fsspec: "
-                                  f"pip install fsspec") from None
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError:
@@ -442,7 +444,6 @@ class ParquetSource(_Picklable):
 
     def __init__(self, paths: str | Sequence[str], image_column: str | None = None,
                  caption_column: str | None = None):
-        import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
         self.paths = expand_paths(paths)
         counts, groups = [], []  # rows per (file, row group)
         schema = None
@@ -467,7 +468,6 @@ class ParquetSource(_Picklable):
                 raise ValueError(f"{self.paths[0]}: no {what} {col or ''} (looked for {list(options)}); "
                                  f"its columns are {names}. Set ParquetSource({what}=...) "
                                  f"(gin: source_kwargs={{'{what}': '...'}}).")
-        import pyarrow as pa  # pylint: disable=g-import-not-at-top
         self.meta_columns = [f.name for f in schema if f.name not in (self.image_column, self.caption_column)
                              and not pa.types.is_binary(f.type) and not pa.types.is_large_binary(f.type)
                              and not pa.types.is_struct(f.type)]
@@ -484,7 +484,6 @@ class ParquetSource(_Picklable):
         return int(self._starts[-1])
 
     def _row_group(self, g: int):
-        import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
         cache = getattr(self._cache, "groups", None)
         if cache is None:
             cache = self._cache.groups = collections.OrderedDict()
@@ -546,7 +545,6 @@ def encode_record(record: Mapping[str, Any]) -> bytes:
     plus '__key__' (str); values are the member bytes. Internal keys other than
     '__key__' (e.g. '__shard__') are not written.
     """
-    import msgpack  # pylint: disable=g-import-not-at-top
     out = {}
     for k, v in record.items():
         if k.startswith("__") and k != "__key__":
@@ -558,7 +556,6 @@ def encode_record(record: Mapping[str, Any]) -> bytes:
 
 
 def decode_record(data: bytes) -> dict[str, Any]:
-    import msgpack  # pylint: disable=g-import-not-at-top
     return msgpack.unpackb(data, raw=False)
 
 
@@ -574,7 +571,6 @@ class ArrayRecordSource(_Picklable):
                 raise ValueError(f"{p}: ArrayRecord files are read by a C++ reader that takes a local path, "
                                  f"not a URL. Copy the files to local disk (e.g. `gcloud storage cp`) or "
                                  f"mount the bucket (gcsfuse, mountpoint-s3) and give that path.")
-        import grain  # pylint: disable=g-import-not-at-top
         try:
             self._source = grain.sources.ArrayRecordDataSource(self.paths)
         except Exception as e:  # pylint: disable=broad-except
@@ -583,7 +579,6 @@ class ArrayRecordSource(_Picklable):
         self._len = len(self._source)
 
     def _reset_transient(self):
-        import grain  # pylint: disable=g-import-not-at-top
         self._source = grain.sources.ArrayRecordDataSource(self.paths)
 
     def __len__(self) -> int:
@@ -652,7 +647,6 @@ class TfdsSource(_Picklable):
         self._len = len(self._source)
 
     def _open(self):
-        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
         where = f"data_dir={self.data_dir!r}" if self.data_dir else "the default data_dir (~/tensorflow_datasets)"
         build = (f"tfds build {self.name.split(':')[0]} --file_format=array_record"
                  + (f" --data_dir={self.data_dir}" if self.data_dir else ""))
@@ -852,7 +846,6 @@ class SeqioSource(seqio.DataSource):
 
     def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
                     shard_info: seqio.ShardInfo | None = None, *args, **kwargs):
-        import tensorflow as tf  # pylint: disable=g-import-not-at-top
         src = self.grain_source(split)
         index, num = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
         order = np.arange(index, len(src), num)
