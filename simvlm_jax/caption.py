@@ -23,8 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # quiet TensorFlow (imported
 
 import numpy as np  # noqa: E402
 
-from simvlm_jax import batching, decoding, export  # noqa: E402
-from simvlm_jax.data import preprocessors  # noqa: E402
+from simvlm_jax import batching, decoding, export  # noqa: E402  (JAX, not TensorFlow)
 from simvlm_jax.models import registry  # noqa: E402
 
 MAX_IMAGE_PIXELS = 50_000_000  # decompression-bomb guard, as in training
@@ -33,6 +32,9 @@ MAX_IMAGE_PIXELS = 50_000_000  # decompression-bomb guard, as in training
 def load_image(path: str, image_size: int) -> np.ndarray:
     """uint8 [image_size, image_size, 3], decoded and cropped exactly as in training
     (`preprocessors.open_image` + `resize_center_crop`)."""
+    # TensorFlow (via seqio) loads only once there are images to read, so a bad --export_dir
+    # fails at once, without TensorFlow's start-up noise.
+    from simvlm_jax.data import preprocessors  # pylint: disable=g-import-not-at-top  (TensorFlow)
     with open(path, "rb") as f:
         data = f.read()
     img = preprocessors.open_image(data, MAX_IMAGE_PIXELS, min_size=image_size)

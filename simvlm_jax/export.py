@@ -27,7 +27,6 @@ import shutil
 from typing import Any, Protocol, Sequence
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import ml_dtypes

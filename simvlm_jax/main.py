@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import jax
 
 from simvlm_jax import experiment
-from simvlm_jax.cli import GIN_DIR, UserError, add_gin_args, load_gin, split_gin_args
+from simvlm_jax.cli import UserError, add_gin_args, load_gin, split_gin_args
 
 MODES = ("prepare", "train", "eval", "export")
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -8,14 +8,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import math
 import os
 import sys
-from typing import Any
 
 import flax.linen as nn
 import gin
-import jax
 
 from simvlm_jax import gin_files
 from simvlm_jax.models import registry

@@ -21,7 +21,6 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from simvlm_jax import checkpointing, export, flops, partitioning

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
-from simvlm_jax import evaluate, partitioning, train
+from simvlm_jax import evaluate, partitioning
 from simvlm_jax.models import coca, registry
 
 CAPTIONS = {1: ["a red square", "a small red square"], 2: ["a blue circle"], 3: ["a green star"]}

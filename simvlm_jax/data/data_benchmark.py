@@ -1,7 +1,6 @@
 """Input-pipeline throughput per CPU core: grain (tar, ArrayRecord) vs a plain tf.data pipeline.
 
-    python -m simvlm_jax.data.data_benchmark [--data_num_images 512]
-    (wired as `python -m simvlm_jax.benchmark data`)
+    python -m simvlm_jax.benchmark data [--data_num_images 512]   (options: benchmark.add_data_args)
 
 All the pipelines do the same work per example, on the same generated data
 (synthetic scenes, JPEG, `--data_source_size` px, written as tar shards, as
@@ -42,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import shutil
@@ -57,7 +55,6 @@ import seqio
 import tensorflow as tf
 import tensorflow_text as tftext
 
-from simvlm_jax.benchmark import add_data_args
 from simvlm_jax.data import convert, pipeline, sources, synthetic, tasks, tokenizer
 from simvlm_jax.data import preprocessors as pp
 
@@ -304,15 +301,3 @@ def _report(results: dict[str, dict], psnr: dict[str, float], stages: dict[str, 
     print(f"  SimVLM-Base on one H100 takes {H100_SIMVLM_BASE_EXAMPLES_PER_S} examples/s: "
           f"{cores} cores at {rate:.0f} images/CPU-s (grain_array_record)", file=sys.stderr)
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simvlm_jax.data.data_benchmark", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(parser)
-    print(json.dumps(run(parser.parse_args(argv))))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

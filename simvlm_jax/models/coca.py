@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import logging
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import gin
