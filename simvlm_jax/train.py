@@ -152,6 +152,7 @@ class Trainer:
                 nn.meta.unbox(abstract_boxed))
         self.abstract_state = partitioning.abstract_like(nn.meta.unbox(abstract_boxed), self.state_shardings)
         self._init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=self.state_shardings)
+        # One sharding per feature the model reads (`model_inputs` drops the others).
         self.batch_shardings = {k: partitioning.batch_sharding(mesh, v.ndim, self.rules)
                                 for k, v in self.family.dummy_batch().items()}
         self._step = jax.jit(self._train_step,

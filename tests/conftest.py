@@ -24,19 +24,27 @@ PYTHON = os.path.join(REPO_ROOT, ".venv", "bin", "python")
 if not os.path.exists(PYTHON):
     PYTHON = sys.executable
 
-# A CPU-sized SimVLM: 2-head width-32 Transformer, 1 encoder + 1 decoder layer,
-# 32 px images cut into 16 px patches (4 image tokens), linear patch stem.
-TINY = dict(vocab_size=256, width=32, num_heads=2, mlp_dim=64, encoder_layers=1, decoder_layers=1,
-            image_size=32, patch_size=16, stem_stages=0, stem_width=32, stem_units=(1,),
-            max_prefix_len=8, max_target_len=10, dtype="float32", param_dtype="float32")
+# CPU-sized configs of every model family (tests override fields as they need).
+TINY = {
+    # 2-head width-32 Transformer, 1 encoder + 1 decoder layer, 32 px images cut into
+    # 16 px patches (4 image tokens), linear patch stem.
+    "simvlm": dict(vocab_size=256, width=32, num_heads=2, mlp_dim=64, encoder_layers=1, decoder_layers=1,
+                   image_size=32, patch_size=16, stem_stages=0, stem_width=32, stem_units=(1,),
+                   max_prefix_len=8, max_target_len=10, dtype="float32", param_dtype="float32"),
+    # ViT 1 x width 32 on 4 patches, 1 unimodal + 1 multimodal text layer, 4 pooler queries.
+    "coca": dict(vocab_size=64, image_size=32, patch_size=16, encoder_width=32, encoder_layers=1, encoder_heads=2,
+                 encoder_mlp_dim=64, decoder_width=32, unimodal_layers=1, multimodal_layers=1, decoder_heads=2,
+                 decoder_mlp_dim=64, embed_dim=16, n_queries=4, max_text_len=8),
+}
 
 DATA = dict(num_train=200, num_heldout=40, num_text=300, samples_per_shard=100)
 DATA_IMAGE_SIZE = 32
 
 
-def tiny_config(**overrides):
-    from simvlm_jax.models import simvlm
-    return simvlm.SimVLMConfig(**{**TINY, **overrides})
+def tiny_config(family: str = "simvlm", /, **overrides):
+    """The tiny config of a model family (`TINY[family]`) with `overrides`."""
+    from simvlm_jax.models import registry
+    return registry.get(family).config_cls(**{**TINY[family], **overrides})
 
 
 @pytest.fixture(scope="session")

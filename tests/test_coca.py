@@ -13,20 +13,14 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from conftest import tiny_config
 from simvlm_jax import losses, partitioning
 from simvlm_jax.models import coca, family, registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = 4
-TINY = dict(vocab_size=64, image_size=32, patch_size=16, encoder_width=32, encoder_layers=1, encoder_heads=2,
-            encoder_mlp_dim=64, decoder_width=32, unimodal_layers=1, multimodal_layers=1, decoder_heads=2,
-            decoder_mlp_dim=64, embed_dim=16, n_queries=4, max_text_len=8)
 OPEN_CLIP = dict(open_clip_compatible=True, activation="gelu_exact", layer_norm_eps=1e-5, embed_dim=32, n_queries=5)
 LENGTHS = [3, 8, 5, 1]  # caption lengths per row (row 1 fills max_text_len: no pad)
-
-
-def tiny(**overrides) -> coca.CoCaConfig:
-    return coca.CoCaConfig(**{**TINY, **overrides})
 
 
 def make_batch(cfg, seed=0):
@@ -72,7 +66,7 @@ def loss_fn(model, params, batch, mesh=None):
 
 @pytest.fixture(scope="module")
 def paper():
-    cfg = tiny()
+    cfg = tiny_config("coca")
     model, params = init(cfg)
     return cfg, model, params, jax.jit(lambda p, b: model.apply({"params": p}, b))
 
@@ -100,7 +94,7 @@ def _set(params, path, fn):
 @pytest.mark.parametrize("overrides", [{}, dict(scan_layers=True), OPEN_CLIP, dict(OPEN_CLIP, scan_layers=True)],
                          ids=["paper", "paper-scan", "open_clip", "open_clip-scan"])
 def test_every_param_has_logical_axes(overrides):
-    boxed = coca.CoCaFamily(tiny(**overrides)).abstract_params()
+    boxed = coca.CoCaFamily(tiny_config("coca", **overrides)).abstract_params()
     leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     assert len(leaves) > 20
     for path, leaf in leaves:
@@ -171,7 +165,7 @@ def test_cls_ignores_padding(paper):
     text = coca.with_bos(batch["target_tokens"][:1], 0)
     np.testing.assert_array_equal(np.asarray(coca.text_key_mask(text, cfg))[0],
                                   [True] * 4 + [False] * 5 + [True])
-    np.testing.assert_array_equal(np.asarray(coca.text_key_mask(text, tiny(**OPEN_CLIP)))[0],
+    np.testing.assert_array_equal(np.asarray(coca.text_key_mask(text, tiny_config("coca", **OPEN_CLIP)))[0],
                                   [True, False] + [True] * 3 + [False] * 5)
 
 
@@ -198,7 +192,7 @@ def test_pooler_layouts(layout, paper):
 
 
 def test_open_clip_mode_pools_with_one_pooler():
-    cfg = tiny(**OPEN_CLIP)
+    cfg = tiny_config("coca", **OPEN_CLIP)
     model = coca.CoCa(cfg)
     params = random_params(cfg)
     _, tokens = jax.eval_shape(lambda p, im: model.apply({"params": p}, im, method=coca.CoCa.image_features),
@@ -215,7 +209,7 @@ def test_open_clip_mode_pools_with_one_pooler():
 
 @pytest.mark.parametrize("overrides", [{}, OPEN_CLIP], ids=["paper", "open_clip"])
 def test_scan_and_remat_match_unrolled(overrides):
-    cfg = tiny(unimodal_layers=2, multimodal_layers=2, encoder_layers=2, **overrides)
+    cfg = tiny_config("coca", unimodal_layers=2, multimodal_layers=2, encoder_layers=2, **overrides)
     model, params = coca.CoCa(cfg), random_params(cfg)
     batch = make_batch(cfg)
     ref = jax.jit(model.apply)({"params": params}, batch)
@@ -410,4 +404,4 @@ def test_2b_and_tiny_configs_build(clean_gin):
 ])
 def test_invalid_config_raises_value_error_naming_field(overrides, field):
     with pytest.raises(ValueError, match=field):
-        tiny(**overrides)
+        tiny_config("coca", **overrides)

@@ -4,7 +4,6 @@ the caption CLI on the export."""
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np

@@ -2,7 +2,6 @@
 gradient accumulation, frozen encoder), the conv-stem encoder."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import flax.linen as nn
@@ -12,18 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import tiny_config
 from simvlm_jax import decoding, partitioning, train
 from simvlm_jax.models import coca, family, simvlm
 
-TINY = dict(vocab_size=50, image_size=32, patch_size=16, encoder_width=32, encoder_layers=1, encoder_heads=2,
-            encoder_mlp_dim=64, decoder_width=32, unimodal_layers=2, multimodal_layers=2, decoder_heads=2,
-            decoder_mlp_dim=64, embed_dim=32, n_queries=4, max_text_len=8)
+# conftest's tiny CoCa, with 2 + 2 text layers (decoding tests see a deeper cache).
+SIZES = dict(vocab_size=50, unimodal_layers=2, multimodal_layers=2, embed_dim=32)
 OPEN_CLIP = dict(open_clip_compatible=True, activation="gelu_exact", layer_norm_eps=1e-5, bos_id=3)
 EOS = 1
 
 
 def tiny(**overrides) -> coca.CoCaConfig:
-    return coca.CoCaConfig(**{**TINY, **overrides})
+    return tiny_config("coca", **{**SIZES, **overrides})
 
 
 def sharp_params(cfg, seed=0):

@@ -27,9 +27,8 @@ from simvlm_jax.models import coca, registry, simvlm
 
 SENTENCES = ["a red square on a blue background", "a green circle next to a yellow triangle",
              "two dogs playing in the park", "a small cat sleeping on a wooden chair"]
-COCA_TINY = dict(vocab_size=64, image_size=32, patch_size=8, encoder_width=32, encoder_layers=2, encoder_heads=2,
-                 encoder_mlp_dim=64, decoder_width=32, unimodal_layers=1, multimodal_layers=1, decoder_heads=2,
-                 decoder_mlp_dim=128, embed_dim=32, n_queries=4, max_text_len=8)
+# conftest's tiny CoCa with 16 patches, 2 ViT layers and a 4 x width decoder MLP (as open_clip's).
+COCA_TINY = dict(patch_size=8, encoder_layers=2, decoder_mlp_dim=128, embed_dim=32)
 # The same sizes in open_clip's layout (exact GELU, eps 1e-5, decoder MLP = 4 x width).
 COCA_OPEN_CLIP = dict(COCA_TINY, open_clip_compatible=True, activation="gelu_exact", layer_norm_eps=1e-5,
                       image_mean=coca.OPENAI_MEAN, image_std=coca.OPENAI_STD)
@@ -93,7 +92,7 @@ def vocab_path(tmp_path_factory):
     return tokenizer.train_sentencepiece(SENTENCES * 8, str(root / "spm.model"), vocab_size=48)
 
 
-MODELS = {"simvlm": lambda: tiny_config(vocab_size=64), "coca": lambda: coca.CoCaConfig(**COCA_TINY)}
+MODELS = {"simvlm": lambda: tiny_config(vocab_size=64), "coca": lambda: tiny_config("coca", **COCA_TINY)}
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -166,7 +165,7 @@ def test_coca_bundle_without_tokenizer_file(tmp_path):
     exported without any tokenizer loads with vocab None."""
     has_open_clip = importlib.util.find_spec("open_clip") is not None
     for overrides, want in ((COCA_OPEN_CLIP, "open_clip"), (COCA_TINY, None)):
-        cfg = coca.CoCaConfig(**overrides)
+        cfg = tiny_config("coca", **overrides)
         out = export.export(_init(cfg, seed=1), cfg, None, str(tmp_path / str(want)))
         model, _, vocab = export.load_export(out)
         assert isinstance(model, coca.CoCa) and model.config == cfg
@@ -216,7 +215,7 @@ def test_bf16_export(model_and_params, vocab_path, tmp_path):
 def test_open_clip_files_in_bundle(tmp_path, clean_gin):
     """`writers=[convert_open_clip.OpenClipWriter(cfg)]` adds open_clip's files; a config open_clip
     cannot represent fails before anything is written."""
-    cfg = coca.CoCaConfig(**COCA_OPEN_CLIP)
+    cfg = tiny_config("coca", **COCA_OPEN_CLIP)
     params = _init(cfg, seed=2)
     out = export.export(params, cfg, None, str(tmp_path / "oc"), dtype="bfloat16",
                         writers=[convert_open_clip.OpenClipWriter(cfg)])
@@ -233,7 +232,7 @@ def test_open_clip_files_in_bundle(tmp_path, clean_gin):
     assert json.loads(open(os.path.join(out, "export_info.json")).read())["open_clip"] is True
     assert "local-dir:" in open(os.path.join(out, "MODEL_CARD.md")).read()
 
-    paper = coca.CoCaConfig(**COCA_TINY)
+    paper = tiny_config("coca", **COCA_TINY)
     with pytest.raises(ValueError, match="no open_clip equivalent"):
         export.export(_init(paper, seed=2), paper, None, str(tmp_path / "paper"),
                       writers=[convert_open_clip.OpenClipWriter(paper)])
@@ -241,7 +240,7 @@ def test_open_clip_files_in_bundle(tmp_path, clean_gin):
 
 
 def test_export_open_clip_bin_needs_torch(tmp_path, monkeypatch):
-    cfg = coca.CoCaConfig(**COCA_OPEN_CLIP)
+    cfg = tiny_config("coca", **COCA_OPEN_CLIP)
     params = _init(cfg, seed=0)
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     with pytest.raises(ImportError, match="needs PyTorch"):
@@ -279,7 +278,7 @@ def test_load_params_for_training_full(model_and_params, vocab_path, tmp_path, d
 
 def test_load_params_for_training_partial_coca(vocab_path, tmp_path):
     """A new CoCa (another decoder) starts from an exported image encoder; the rest stays at init."""
-    cfg = coca.CoCaConfig(**COCA_TINY)
+    cfg = tiny_config("coca", **COCA_TINY)
     params = _init(cfg, seed=0)
     out = export.export(params, cfg, vocab_path, str(tmp_path / "e"), dtype="bfloat16")
     new_cfg = dataclasses.replace(cfg, multimodal_layers=2, vocab_size=80, freeze_encoder=True)
@@ -301,7 +300,7 @@ def test_load_params_for_training_partial_coca(vocab_path, tmp_path):
 
 
 def test_load_params_for_training_errors(vocab_path, tmp_path):
-    cfg = coca.CoCaConfig(**COCA_TINY)
+    cfg = tiny_config("coca", **COCA_TINY)
     out = export.export(_init(cfg, seed=0), cfg, vocab_path, str(tmp_path / "coca"))
     # Another model type: keys missing on both sides are named.
     simvlm_tree = _init(tiny_config(vocab_size=64), seed=0)
@@ -311,7 +310,7 @@ def test_load_params_for_training_errors(vocab_path, tmp_path):
     assert "params of the model are not in the export" in msg and "exported params are not in the model" in msg
     assert "logit_scale" in msg and next(iter(export.flatten_params(simvlm_tree))) in msg
     # Same keys, another shape: the key and both shapes are named.
-    wider = coca.CoCaConfig(**{**COCA_TINY, "encoder_mlp_dim": 96})
+    wider = tiny_config("coca", **{**COCA_TINY, "encoder_mlp_dim": 96})
     with pytest.raises(ValueError, match="shape mismatches") as e:
         export.load_params_for_training(out, _init(wider, seed=0))
     assert "visual/layers_0/mlp/wi/kernel: export (32, 64) vs model (32, 96)" in str(e.value)

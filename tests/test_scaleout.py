@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import tiny_config
 from simvlm_jax import partitioning, train
 from simvlm_jax.models.simvlm import SimVLMConfig, dummy_batch
 
@@ -201,8 +202,7 @@ def test_memory_benchmark_fsdp_shards_params_and_optimizer(tmp_path):
 
 # ---------------------------------------------------------------- Trainer level
 
-TINY = dict(vocab_size=64, width=32, num_heads=2, mlp_dim=64, encoder_layers=1, decoder_layers=1,
-            image_size=32, patch_size=16, stem_stages=0, max_prefix_len=4, max_target_len=6)
+SIZES = dict(vocab_size=64, max_prefix_len=4, max_target_len=6)  # conftest's tiny SimVLM, shorter text
 
 
 def _batch(cfg: SimVLMConfig, n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -225,7 +225,7 @@ def clean_gin():
 
 def test_gradient_accumulation_equals_big_batch(clean_gin):
     gin.parse_config("make_optimizer.warmup_steps = 0\nmake_optimizer.learning_rate = 1e-2")
-    cfg = SimVLMConfig(**TINY)
+    cfg = tiny_config(**SIZES)
     mesh = partitioning.make_mesh(data=2, fsdp=4)
     batch = partitioning.host_batch_to_global(_batch(cfg, 16), mesh)
     results = []
@@ -252,7 +252,7 @@ def test_gradient_accumulation_equals_big_batch(clean_gin):
 
 def test_frozen_params_get_no_update_and_no_state(clean_gin):
     gin.parse_config("make_optimizer.warmup_steps = 0\nmake_optimizer.frozen = ('encoder/.*',)")
-    cfg = SimVLMConfig(**TINY)
+    cfg = tiny_config(**SIZES)
     mesh = partitioning.make_mesh(data=8)
     trainer = train.Trainer(cfg, mesh, train.make_optimizer(10))
     state = trainer.init_state()
@@ -274,7 +274,7 @@ def test_other_optimizers_train(clean_gin, name, moment_dtype):
     gin.parse_config(f"make_optimizer.name = '{name}'\nmake_optimizer.warmup_steps = 0\n"
                      f"make_optimizer.learning_rate = 1e-2\nmake_optimizer.moment_dtype = {moment_dtype!r}\n"
                      "make_optimizer.schedule = 'rsqrt'")
-    cfg = SimVLMConfig(**TINY)
+    cfg = tiny_config(**SIZES)
     mesh = partitioning.make_mesh(data=2, fsdp=4)
     trainer = train.Trainer(cfg, mesh, train.make_optimizer(30))
     state = trainer.init_state()
@@ -293,7 +293,7 @@ def test_restore_with_another_process_count_keeps_model_state(clean_gin, tmp_pat
     train state and restarts the data iterator (with a warning) instead of failing."""
     import grain  # pylint: disable=g-import-not-at-top
     from simvlm_jax import checkpointing  # pylint: disable=g-import-not-at-top
-    cfg = SimVLMConfig(**TINY)
+    cfg = tiny_config(**SIZES)
     mesh = partitioning.make_mesh(data=8)
     trainer = train.Trainer(cfg, mesh, train.make_optimizer(10))
     state = trainer.init_state()

@@ -29,9 +29,7 @@ SENTENCES = [
 ]
 TEXTS = ["a red square", "two dogs in the park", "a white boat", "a   cat\non a chair",
          "three red apples on a green table next to a man riding a bicycle down the street", "a dog"]
-COCA_TINY = dict(vocab_size=64, image_size=32, patch_size=16, encoder_width=32, encoder_layers=1,
-                 encoder_heads=2, encoder_mlp_dim=64, decoder_width=32, unimodal_layers=1, multimodal_layers=1,
-                 decoder_heads=2, decoder_mlp_dim=64, embed_dim=16, n_queries=4, max_text_len=16)
+COCA_TINY = dict(max_text_len=16)  # conftest's tiny CoCa, longer texts
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +161,7 @@ def test_tokenize_captions(vocab):
 
 @pytest.fixture(scope="module")
 def tiny_coca():
-    cfg = coca.CoCaConfig(**COCA_TINY)
+    cfg = tiny_config("coca", **COCA_TINY)
     model = coca.CoCa(cfg)
     params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), coca.dummy_batch(cfg))["params"]))()
     return model, params

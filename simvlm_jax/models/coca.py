@@ -567,7 +567,6 @@ class CoCaFamily(family.ModelFamily):
     per_shard_objective = True
     can_generate = True
     can_embed = True
-    decode_features = ("image",)
 
     def dummy_batch(self, batch_size: int = 1) -> dict[str, Array]:
         return dummy_batch(self.config, batch_size)

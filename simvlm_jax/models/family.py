@@ -42,8 +42,6 @@ class ModelFamily:
     per_shard_objective: ClassVar[bool] = False
     can_generate: ClassVar[bool] = False
     can_embed: ClassVar[bool] = False
-    # Features `encode` reads from its inputs (generation).
-    decode_features: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any = None):
         self.config = self.config_cls() if config is None else config
@@ -67,11 +65,6 @@ class ModelFamily:
     def dummy_batch(self, batch_size: int = 1) -> dict[str, Array]:
         """The training batch the model reads (names, shapes, dtypes); zeros."""
         raise NotImplementedError
-
-    @property
-    def features(self) -> tuple[str, ...]:
-        """Batch features the model trains on (others are dropped before the step)."""
-        return tuple(self.dummy_batch())
 
     def init_params(self, rng: Array) -> Any:
         """Boxed (logically annotated) params of a new model."""

@@ -324,7 +324,6 @@ class SimVLMFamily(family.ModelFamily):
     config_cls = SimVLMConfig
     module_cls = SimVLM
     can_generate = True
-    decode_features = ("image", "prefix_tokens", "has_image")
 
     def dummy_batch(self, batch_size: int = 1) -> dict[str, Array]:
         return dummy_batch(self.config, batch_size)
