@@ -226,7 +226,7 @@ def beam_search(model: Model, params, inputs: dict[str, Any], *, num_beams: int 
         of them scores >= best candidate's running log-prob / (tokens so far) ** length_penalty,
         although a longer hypothesis could still score higher; `early_stop` is ignored. The
         repetition penalty applies to log-probs (after the log-softmax), as HF's processors
-        do; the pad id may be generated.
+        do; the pad id may be generated; `min_len` is HF's `min_new_tokens`.
       * "open_clip": open_clip's `CoCa.generate(generation_type='beam_search',
         num_beam_groups=1)`, i.e. "hf" as open_clip drives `BeamSearchScorer`: beam scores
         are sums of the processed raw logits (no log-softmax, so they are not log-probs and
