@@ -246,7 +246,7 @@ def beam_search(model: Model, params, inputs: dict[str, Any], *, num_beams: int 
         raise ValueError(f"convention={convention!r}: use 'exact', 'hf' or 'open_clip'")
     hf_like = convention != "exact"
     length_offset = 1 if convention == "open_clip" else 0   # open_clip's <start_of_text>
-    start_id = getattr(fam.config, "bos_id", pad_id)  # the decoder's first input (SimVLM: pad)
+    start_id = fam.start_id  # the decoder's first input
     b = _batch_size(inputs)
     bk = b * k
     alpha = jnp.asarray(length_penalty, jnp.float32)

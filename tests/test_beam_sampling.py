@@ -18,7 +18,7 @@ import pytest
 
 from conftest import tiny_config
 from simvlm_jax import decoding
-from simvlm_jax.models import simvlm
+from simvlm_jax.models import registry, simvlm
 
 MAX_LEN = 8
 
@@ -260,8 +260,9 @@ def exhaustive():
         "target_tokens": jnp.asarray(np.tile(hyps, (3, 1)))}))
     # 16 alive hypotheses x 5 tokens = 80 candidates at the last step: 80 beams keep them all.
     beam = jax.jit(functools.partial(decoding.beam_search, model, num_beams=80, eos_id=eos))
-    assert eos == decoding.EOS_ID
-    return hyps, logits, functools.partial(beam, params, images, prefix, has_image)
+    assert eos == registry.family_of(model).eos_id
+    return hyps, logits, functools.partial(beam, params, {"image": images, "prefix_tokens": prefix,
+                                                          "has_image": has_image})
 
 
 EXHAUSTIVE_SETTINGS = [(0.0, 0), (1.0, 0), (0.0, 1), (1.0, 1), (2.0, 0), (0.5, 2)]  # (alpha, min_len)

@@ -641,7 +641,7 @@ class CoCaFamily(family.ModelFamily):
         return image_tokens
 
     def decode_start(self, params, context):
-        bos = jnp.full((context.shape[0], 1), self.config.bos_id, jnp.int32)
+        bos = jnp.full((context.shape[0], 1), self.start_id, jnp.int32)
         logits, mutated = self.module.apply({"params": params}, bos, context, jnp.int32(0),
                                             method=CoCa.decode_step, mutable=["cache"])
         return logits[:, -1], mutated["cache"]

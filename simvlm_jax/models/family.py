@@ -125,6 +125,11 @@ class ModelFamily:
         raise NotImplementedError
 
     @property
+    def start_id(self) -> int:
+        """The decoder's first input token (BOS)."""
+        return self.config.bos_id
+
+    @property
     def pad_id(self) -> int:
         """Never generated; fills generated sequences after EOS."""
         return self.config.pad_id

@@ -355,6 +355,7 @@ class SimVLMFamily(family.ModelFamily):
     max_decode_len = property(lambda self: self.config.max_target_len)
     eos_id = property(lambda self: EOS_ID)
     pad_id = property(lambda self: PAD_ID)
+    start_id = property(lambda self: PAD_ID)
 
     def prompt_ids(self, vocab, prompt: str) -> np.ndarray:
         """The prompt's ids, zero-padded to max_prefix_len (the encoder's text prefix)."""
@@ -371,7 +372,7 @@ class SimVLMFamily(family.ModelFamily):
 
     def decode_start(self, params, context):
         encoded, valid = context
-        bos = jnp.full((encoded.shape[0], 1), PAD_ID, jnp.int32)
+        bos = jnp.full((encoded.shape[0], 1), self.start_id, jnp.int32)
         logits, mutated = self.module.apply({"params": params}, bos, encoded, valid, decode=True,
                                             positions=jnp.int32(0), method=SimVLM.decode, mutable=["cache"])
         return logits[:, -1], mutated["cache"]
