@@ -65,11 +65,11 @@ def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None
     summary: dict[str, Any] = {"work_dir": os.path.abspath(work_dir)}
     eval_dir = eval_dir or os.path.join(work_dir, "eval")
     export_dir = export_dir or os.path.join(work_dir, "export")
+    # Config mistakes fail before any compute (a writer checks what it can represent when created).
+    family = registry.model_family()
+    writers = [convert_open_clip.OpenClipWriter(family.config)] if export_open_clip and "export" in modes else []
     if "prepare" in modes:
         summary.update(prepare_builtin())
-    family = registry.model_family()
-    # Fail before any compute: a writer checks what it can represent when created.
-    writers = [convert_open_clip.OpenClipWriter(family.config)] if export_open_clip and "export" in modes else []
     vocab = tokenizer.get_vocabulary()
     family.check_vocabulary(vocab)
     mesh = partitioning.make_mesh()
