@@ -69,8 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, bindings = parse_args(argv)
+        # force: an imported library (TF/absl) may already have put a handler on the root logger.
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                            datefmt="%H:%M:%S")
+                            datefmt="%H:%M:%S", force=True)
         for noisy in ("absl", "orbax", "jax._src"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         if args.multihost or args.coordinator_address:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: creates .venv if missing, installs simvlm_jax with its test
 # extra and the open_clip parity stack (tests/install_parity.sh), then runs pytest
-# on 8 simulated CPU devices. Extra args go to pytest.
+# on 8 simulated CPU devices, two workers. Extra args go to pytest (e.g. -m "not slow").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/_env.sh
@@ -14,4 +14,9 @@ if [[ ! -f "$VENV/.parity_installed" || tests/install_parity.sh -nt "$VENV/.pari
 fi
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 export PYTHONHASHSEED=0
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 tests "$@"
+# Two pytest workers (one per core here; PYTEST_WORKERS=0 runs in this process), each test
+# file on one worker so its module fixtures (generated data, compiled models) are built once.
+WORKERS="${PYTEST_WORKERS:-2}"
+XDIST=()
+[[ "$WORKERS" != 0 ]] && XDIST=(-n "$WORKERS" --dist loadfile)
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "${XDIST[@]}" tests "$@"

@@ -159,6 +159,7 @@ def test_coca_trains_on_a_tensor_parallel_mesh_and_loss_terms_are_logged():
     assert last["contrastive_loss"] < first["contrastive_loss"]
 
 
+@pytest.mark.slow
 def test_coca_grad_accumulation_equals_big_batch_for_the_caption_loss():
     """Caption CE over equal-length captions: 2 microbatches == one big batch. (The
     contrastive term uses each microbatch's negatives, as open_clip's accumulation does.)"""

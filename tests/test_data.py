@@ -147,6 +147,7 @@ def test_pipeline_is_deterministic_per_seed(mixture):
     assert not _batches_equal(next(a), next(a))
 
 
+@pytest.mark.slow
 def test_pipeline_same_batches_with_worker_processes(mixture):
     """grain multiprocessing workers change nothing about the batches, and their state resumes."""
     plain = _iter(mixture, seed=5)
@@ -420,6 +421,7 @@ def _skips_before_good(order, n_good):
     return counts
 
 
+@pytest.mark.slow
 def test_skipped_counts_are_exact_with_grain_workers(vocab, tmp_path):
     """With 2 grain worker processes, pipeline.skipped_counts() in this (the trainer's) process
     counts exactly the bad samples before the batches read, by reason; batches equal the

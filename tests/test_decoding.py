@@ -155,20 +155,14 @@ def test_finalize_zeroes_after_first_eos():
 def test_decoders_block_and_pad_with_the_models_pad_id():
     """Id 0 is a real token when the model's pad id is another (CLIP BPE: id 0 is '!'): it may
     be generated; the pad id never is, and fills the rows after EOS."""
-    from simvlm_jax.models import coca
-    cfg = coca.CoCaConfig(vocab_size=8, image_size=32, patch_size=16, encoder_width=32, encoder_layers=1,
-                          encoder_heads=2, encoder_mlp_dim=64, decoder_width=32, unimodal_layers=1,
-                          multimodal_layers=1, decoder_heads=2, decoder_mlp_dim=64, embed_dim=32, n_queries=4,
-                          max_text_len=12, bos_id=6, eos_id=7, pad_id=5)
-    fam = coca.CoCaFamily(cfg)
-    params = jax.tree_util.tree_map(
-        lambda x: x * 4.0, nn.meta.unbox(fam.init_params(jax.random.key(3))))
-    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3)), jnp.uint8)
-    raw = np.asarray(decoding.greedy_decode(fam, params, {"image": images}, eos_id=-1))
+    from simvlm_jax.models import registry
+    fam = registry.family_of(tiny_config("coca", vocab_size=8, max_text_len=6, bos_id=6, eos_id=7, pad_id=5))
+    params = jax.tree_util.tree_map(lambda x: x * 4.0, nn.meta.unbox(fam.init_params(jax.random.key(0))))
+    inputs = {"image": jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)), jnp.uint8)}
+    raw = np.asarray(decoding.make_decoder(fam, eos_id=-1)(params, inputs))
     assert 0 in raw and 5 not in raw  # id 0 generated, the pad id never
     eos = int(raw[0, 2])
-    for out in (decoding.greedy_decode(fam, params, {"image": images}, eos_id=eos),
-                decoding.beam_search(fam, params, {"image": images}, num_beams=2, eos_id=eos)[0]):
-        out = np.asarray(out)
+    for num_beams in (1, 2):
+        out = np.asarray(decoding.make_decoder(fam, num_beams=num_beams, eos_id=eos)(params, inputs))
         ended = [r for r in out if eos in list(r[:-1])]
-        assert ended and all(set(r[list(r).index(eos) + 1:]) == {5} for r in ended)
+        assert ended and all(set(r[list(r).index(eos) + 1:]) == {5} for r in ended), (num_beams, out)

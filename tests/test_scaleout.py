@@ -223,6 +223,7 @@ def clean_gin():
     gin.clear_config()
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_big_batch(clean_gin):
     gin.parse_config("make_optimizer.warmup_steps = 0\nmake_optimizer.learning_rate = 1e-2")
     cfg = tiny_config(**SIZES)
@@ -288,6 +289,7 @@ def test_other_optimizers_train(clean_gin, name, moment_dtype):
         assert any(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(state.opt_state))
 
 
+@pytest.mark.slow
 def test_restore_with_another_process_count_keeps_model_state(clean_gin, tmp_path, caplog):
     """A checkpoint whose data state was written by a different number of processes restores the
     train state and restarts the data iterator (with a warning) instead of failing."""

@@ -262,6 +262,7 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_checkpoint_roundtrip_and_exact_resume(trainer_2x4, mesh_2x4, data_mixture, tmp_path):
     trainer = trainer_2x4
     it = _train_iter(data_mixture)
@@ -340,6 +341,7 @@ def _bind_train_gin(mixture, save_every):
     _bind_optimizer()
 
 
+@pytest.mark.slow
 def test_train_end_to_end_and_resume(dataset, data_mixture, mesh_2x4, tmp_path, clean_gin, caplog):
     _bind_train_gin(data_mixture, save_every=2)
     work_dir = str(tmp_path / "run")
@@ -390,6 +392,7 @@ def _sigterm_at(step_to_signal):
     return eval_fn
 
 
+@pytest.mark.slow
 def test_preemption_signal_saves_and_stops(data_mixture, mesh_2x4, tmp_path, clean_gin):
     _bind_train_gin(data_mixture, save_every=100)
     work_dir = str(tmp_path / "run")
@@ -400,6 +403,7 @@ def test_preemption_signal_saves_and_stops(data_mixture, mesh_2x4, tmp_path, cle
     assert signal.getsignal(signal.SIGTERM) is not None  # the old handler is back
 
 
+@pytest.mark.slow
 def test_preemption_signal_on_a_checkpoint_step(data_mixture, mesh_2x4, tmp_path, clean_gin):
     _bind_train_gin(data_mixture, save_every=2)
     work_dir = str(tmp_path / "run")
