@@ -66,6 +66,14 @@ main.load_gin([gin_files.resolve("demo.gin")], [], search_paths=[d])  # includes
 assert gin.query_parameter("SimVLMConfig.width") == 128  # from models/simvlm_tiny.gin
 assert gin.query_parameter("%IMAGE_SIZE") == 64
 assert gin.query_parameter("%NUM_STEPS") == 1200
+# `python -m simvlm_jax.main --gin_file=demo.gin ...` from here: demo.gin is found (the error is
+# about the bad binding, not a missing file).
+import contextlib, io
+gin.clear_config()
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    code = main.main(["--gin_file=demo.gin", "--gin.NoSuch.x=1"])
+assert code == 2 and "NoSuch" in err.getvalue() and "not found" not in err.getvalue(), err.getvalue()
 print("OK", d)
 """
 
