@@ -642,15 +642,11 @@ class CoCaFamily(family.ModelFamily):
 
     def decode_start(self, params, context):
         bos = jnp.full((context.shape[0], 1), self.start_id, jnp.int32)
-        logits, mutated = self.module.apply({"params": params}, bos, context, jnp.int32(0),
-                                            method=CoCa.decode_step, mutable=["cache"])
-        return logits[:, -1], mutated["cache"]
+        return self.apply_cached(params, None, bos, context, jnp.int32(0), method=CoCa.decode_step)
 
     def decode_step(self, params, cache, tokens, context, t):
         # The pooled image tokens' keys/values are in the cache.
-        logits, mutated = self.module.apply({"params": params, "cache": cache}, tokens[:, None], None, t,
-                                            method=CoCa.decode_step, mutable=["cache"])
-        return logits[:, -1], mutated["cache"]
+        return self.apply_cached(params, cache, tokens[:, None], None, t, method=CoCa.decode_step)
 
     def caption_logits(self, params, context, tokens):
         return self.module.apply({"params": params}, with_bos(tokens, self.config.bos_id), context,

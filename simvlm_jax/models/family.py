@@ -162,6 +162,13 @@ class ModelFamily:
         """One cached step: tokens [N] at position t -> (logits [N, V], new cache)."""
         raise NotImplementedError
 
+    def apply_cached(self, params: Any, cache: Any, *args, method, **kwargs) -> tuple[Array, Any]:
+        """`module.apply` of one decoder step with the 'cache' collection (None: the call that
+        creates it): (last position's logits [N, V], updated cache). For decode_start/step."""
+        variables = {"params": params} if cache is None else {"params": params, "cache": cache}
+        logits, mutated = self.module.apply(variables, *args, method=method, mutable=["cache"], **kwargs)
+        return logits[:, -1], mutated["cache"]
+
     def caption_logits(self, params: Any, context: Any, tokens: Array) -> Array:
         """Teacher forcing without a cache: logits [B, T, V] whose position t predicts
         tokens[:, t] (what the cached decoder must reproduce). `tokens` may have m rows per

@@ -70,9 +70,10 @@ def model_family(name: str = "simvlm") -> ModelFamily:
     """
     selected = get(name)
     for other in FAMILIES.values():
-        if other is not selected and gin.get_bindings(other.config_cls):
+        bound = gin.get_bindings(other.config_cls) if other is not selected else {}
+        if bound:
             raise ValueError(
-                f"the gin config binds {other.config_cls.__name__}.{next(iter(gin.get_bindings(other.config_cls)))} "
+                f"the gin config binds {other.config_cls.__name__}.{next(iter(bound))} "
                 f"but selects model_family.name={name!r} ({selected.config_cls.__name__}); include the "
                 f"model gin file of one family, or set model_family.name = {other.name!r}")
     return selected()

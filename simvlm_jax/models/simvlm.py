@@ -373,15 +373,13 @@ class SimVLMFamily(family.ModelFamily):
     def decode_start(self, params, context):
         encoded, valid = context
         bos = jnp.full((encoded.shape[0], 1), self.start_id, jnp.int32)
-        logits, mutated = self.module.apply({"params": params}, bos, encoded, valid, decode=True,
-                                            positions=jnp.int32(0), method=SimVLM.decode, mutable=["cache"])
-        return logits[:, -1], mutated["cache"]
+        return self.apply_cached(params, None, bos, encoded, valid, decode=True, positions=jnp.int32(0),
+                                 method=SimVLM.decode)
 
     def decode_step(self, params, cache, tokens, context, t):
         _, valid = context  # the encoder output itself is in the cache (cross keys/values)
-        logits, mutated = self.module.apply({"params": params, "cache": cache}, tokens[:, None], None, valid,
-                                            decode=True, positions=t, method=SimVLM.decode, mutable=["cache"])
-        return logits[:, -1], mutated["cache"]
+        return self.apply_cached(params, cache, tokens[:, None], None, valid, decode=True, positions=t,
+                                 method=SimVLM.decode)
 
     def caption_logits(self, params, context, tokens):
         encoded, valid = context
