@@ -10,4 +10,4 @@ source launch/_env.sh
 ensure_venv
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 exec "$VENV/bin/python" -m simvlm_jax.main --gin_file=gin/demo.gin \
-  --mode=prepare,train,eval,export --print_json "$@"
+  --mode=prepare,train,eval,export --gin.make_mesh.fsdp=2 --print_json "$@"

@@ -18,6 +18,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from simvlm_jax.cli import UserError
 
 
 @gin.configurable
@@ -57,6 +58,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: 
     step = manager.latest_step() if step is None else step
     if step is None:
         return None
+    _check_same_model(manager, step, abstract_state)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     saved_items = _saved_items(manager, step)
     if data_iterator is not None and "data" in saved_items:
@@ -75,3 +77,72 @@ def _saved_items(manager: ocp.CheckpointManager, step: int) -> set[str]:
     return {p.name for p in path.iterdir()} if path.exists() else set()
 
 
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{'params/decoder/...': shape} of a state pytree or orbax's saved-tree metadata."""
+    def name(key: Any) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(name(k) for k in path): tuple(getattr(leaf, "shape", ()) or ())
+            for path, leaf in leaves}
+
+
+def shape_differences(saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                      limit: int = 3) -> str | None:
+    """A short description of how two {path: shape} maps differ (None: they match)."""
+    changed = [k for k in expected if k in saved and saved[k] != expected[k]]
+    missing = [k for k in expected if k not in saved]
+    extra = [k for k in saved if k not in expected]
+    if not (changed or missing or extra):
+        return None
+    parts = []
+    if changed:
+        parts.append(f"{len(changed)} with other shapes (e.g. {changed[0]}: saved "
+                     f"{saved[changed[0]]}, this config {expected[changed[0]]})")
+    if missing:
+        parts.append(f"{len(missing)} not in the checkpoint (e.g. {', '.join(missing[:limit])})")
+    if extra:
+        parts.append(f"{len(extra)} only in the checkpoint (e.g. {', '.join(extra[:limit])})")
+    return "; ".join(parts)
+
+
+def _check_same_model(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+    """Raises a one-line UserError when the saved state is not this config's (another model
+    or size in the same WORK_DIR), instead of orbax's tree dump."""
+    path = epath.Path(manager.directory) / str(step) / "state"
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # orbax warns about an optional metadata file
+    try:
+        metadata = ocp.StandardCheckpointer().metadata(path)
+    except Exception:  # pylint: disable=broad-except  # no metadata: let orbax restore decide
+        return
+    finally:
+        absl_log.setLevel(level)
+    saved = _leaf_shapes(getattr(metadata, "item_metadata", metadata))
+    expected = _leaf_shapes(abstract_state)
+    # Name the parameters that differ; the optimizer state differs along with them.
+    diff = shape_differences(*({k: v for k, v in d.items() if k.startswith("params/")} for d in (saved, expected))) \
+        or shape_differences(saved, expected)
+    if diff:
+        work_dir = os.path.dirname(str(manager.directory))
+        raise UserError(
+            f"the checkpoint at step {step} in WORK_DIR={work_dir} is of another model or config"
+            f"{_saved_family(work_dir)}: "
+            f"of its arrays, {diff}. Use a new WORK_DIR (or delete {manager.directory}) to start "
+            f"fresh, or train with the config it was made with ({os.path.join(work_dir, 'config.gin')})")
+
+
+def _saved_family(work_dir: str) -> str:
+    """' (trained with model_family.name = ...)' from the run's config.gin, if it says."""
+    try:
+        with epath.Path(work_dir, "config.gin").open() as f:
+            line = next((l.strip() for l in f if l.startswith("model_family.name")), None)
+    except OSError:
+        return ""
+    return f" (trained with {line})" if line else ""

@@ -8,10 +8,13 @@ and in any extra search paths.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
+import re
 from typing import Sequence
 
 import gin
+from gin import config as gin_config
 
 from simvlm_jax import gin_files
 
@@ -47,11 +50,12 @@ def split_gin_args(rest: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def load_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
              skip_unknown: bool = False) -> None:
-    """Parses gin files + bindings, turning gin's errors into one-line UserErrors.
+    """Parses gin files, then each `--gin.` binding, turning gin's errors into one-line UserErrors.
 
     Import the modules whose configurables the config binds first. `skip_unknown` ignores
     bindings of configurables that are not registered (e.g. benchmarks that import only the
-    model and trainer, not the data stack)."""
+    model and trainer, not the data stack). A binding of a macro (`NAME=VALUE`, no dot) that
+    no file defines is an error: gin would accept a typo'd `--gin.NUM_STEP=5` silently."""
     for p in [GIN_DIR, *search_paths]:
         gin.add_config_file_search_path(p)
     resolved = []
@@ -65,13 +69,59 @@ def load_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequen
     level = root.level
     root.setLevel(logging.CRITICAL)  # gin logs an ERROR for each include search-path miss
     try:
-        gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False,
-                                            skip_unknown=skip_unknown)
-    except (ValueError, KeyError, SyntaxError, IOError) as e:
-        msg = str(e).strip().splitlines()
-        text = " ".join(line.strip() for line in msg if line.strip())[:400]
-        bad = next((b for b in bindings if b.split("=", 1)[0].strip() in text), None)
-        where = f" (from --gin.{bad})" if bad else ""
-        raise UserError(f"bad gin config{where}: {text}") from None
+        try:
+            gin.parse_config_files_and_bindings(resolved, [], finalize_config=False,
+                                                skip_unknown=skip_unknown)
+        except (ValueError, KeyError, SyntaxError, IOError) as e:
+            raise UserError(f"bad gin config: {_gin_message(e)}") from None
+        for binding in bindings:
+            _check_macro_defined(binding)
+            try:
+                gin.parse_config([binding], skip_unknown=skip_unknown)
+            except (ValueError, KeyError, SyntaxError, IOError) as e:
+                raise UserError(_binding_error(binding, e)) from None
     finally:
         root.setLevel(level)
+
+
+def _gin_message(e: BaseException, limit: int = 400) -> str:
+    lines = str(e).strip().splitlines()
+    return " ".join(line.strip() for line in lines if line.strip())[:limit]
+
+
+def defined_macros() -> list[str]:
+    """Names of the gin macros (`NAME = value`) parsed so far."""
+    return sorted(name for name, kind in gin_config._CONFIG if kind == "gin.macro")  # pylint: disable=protected-access
+
+
+def _check_macro_defined(binding: str) -> None:
+    name = binding.split("=", 1)[0].strip()
+    if "." in name:
+        return
+    known = defined_macros()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean --gin.{close[0]}=...? " if close else ""
+        raise UserError(f"--gin.{binding}: no gin file defines the macro {name}; {hint}"
+                        f"the files define {', '.join(known) or 'no macros'}")
+
+
+def _binding_error(binding: str, e: BaseException) -> str:
+    name, _, value = binding.partition("=")
+    text = _gin_message(e, limit=240)
+    value = value.strip()
+    # gin values are Python literals: a bare word is a parse error, not a string.
+    if ("parse" in text.lower() or isinstance(e, SyntaxError)) and re.fullmatch(r"[^'\"\[\]{}(),]+", value) \
+            and not re.fullmatch(r"[-+.\deE_]+|True|False|None|@.*|%.*", value):
+        return (f"--gin.{binding}: gin values are Python literals, so the string needs quotes "
+                f"inside the shell's: --gin.{name.strip()}=\"'{value}'\"")
+    return f"bad gin binding --gin.{binding}: {text}"
+
+
+def check_required_macros() -> None:
+    """Raises a UserError naming every macro still set to `%gin.REQUIRED` (e.g. WORK_DIR)."""
+    missing = [name for name in defined_macros()
+               if str(gin_config._CONFIG[(name, "gin.macro")].get("value")) == "%gin.REQUIRED"]  # pylint: disable=protected-access
+    if missing:
+        raise UserError(f"required setting(s) not set: {', '.join(missing)}; add e.g. "
+                        f"`{missing[0]} = ...` to your gin file or pass --gin.{missing[0]}=...")

@@ -6,10 +6,11 @@
     state_dict = conv.to_open_clip(params, cfg)      # numpy arrays, open_clip key names
     model_cfg = conv.config_to_open_clip(cfg)        # open_clip's model config dict
 
-Command line, open_clip -> ours (writes flax msgpack params), and an export bundle ->
-open_clip's files (open_clip_config.json + weights, for `create_model('local-dir:OUT')`):
+Command line, open_clip -> ours (writes an export directory, as `export.export` does: for
+`caption`, `zero_shot`, `train.init_from`), and an export bundle -> open_clip's files
+(open_clip_config.json + weights, for `create_model('local-dir:OUT')`):
     python -m simvlm_jax.convert_open_clip --model coca_ViT-B-32 \
-        --checkpoint open_clip_pytorch_model.bin --output coca_b32.msgpack
+        --checkpoint open_clip_pytorch_model.bin --output coca_b32_export
     python -m simvlm_jax.convert_open_clip --export_dir EXPORT --output OUT [--format bin]
 
 Token ids and images: open_clip's tokenizer output `text` [B, 76] (starting with
@@ -27,6 +28,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+import gin
 import jax
 import numpy as np
 from flax import serialization
@@ -328,14 +330,33 @@ def export_open_clip(params: Any, config: coca.CoCaConfig, out_dir: str,
     return out_dir
 
 
+def tokenizer_mismatch(tokenizer: Mapping[str, Any], override: str) -> str | None:
+    """Why open_clip's files would be wrong for a model trained with `tokenizer` (an
+    export_info.json `tokenizer` entry), or None when it is CLIP BPE, open_clip's own."""
+    if tokenizer.get("type") == "clip_bpe":
+        return None
+    return (f"the model was trained with the {tokenizer.get('type') or 'unknown'} tokenizer, but open_clip "
+            "always tokenizes with CLIP BPE, so its token ids would mean other words (wrong captions and "
+            f"text embeddings); train with get_vocabulary.kind = 'clip_bpe', or set {override} to write it anyway")
+
+
+@gin.configurable
 class OpenClipWriter:
     """`export.export(..., writers=[OpenClipWriter(config)])`: adds open_clip's files to a bundle
-    (in `open_clip/`). Fails at construction for a config open_clip cannot represent."""
+    (in `open_clip/`). Fails at construction for a config open_clip cannot represent, and in
+    `export.export` for a model not trained with CLIP BPE unless `allow_other_tokenizer`
+    (gin: `OpenClipWriter.allow_other_tokenizer = True`)."""
     name = "open_clip"
 
-    def __init__(self, config: coca.CoCaConfig):
+    def __init__(self, config: coca.CoCaConfig, allow_other_tokenizer: bool = False):
         config_to_open_clip(config)  # raises before anything is written
         self.config = config
+        self.allow_other_tokenizer = allow_other_tokenizer
+
+    def check_tokenizer(self, tokenizer: Mapping[str, Any]) -> None:
+        why = tokenizer_mismatch(tokenizer, "OpenClipWriter.allow_other_tokenizer = True")
+        if why and not self.allow_other_tokenizer:
+            raise ValueError(f"export_open_clip refused: {why}")
 
     def __call__(self, host_params: Any, out_dir: str, dtype: str) -> str:
         export_open_clip(host_params, self.config, out_dir, dtype=dtype)
@@ -352,44 +373,101 @@ def _import_torch(what: str):
     return torch
 
 
-def _export_to_open_clip(export_dir: str, output: str, formats: list[str]) -> None:
+def _export_to_open_clip(export_dir: str, output: str, formats: list[str], allow_other_tokenizer: bool) -> None:
     """An export bundle (open_clip-compatible CoCa) -> open_clip's files in `output`."""
-    model, params, _ = export.load_export(export_dir)
-    if not getattr(model.config, "open_clip_compatible", False):
-        raise SystemExit(f"error: {export_dir} holds a {type(model).__name__} that is not an "
+    info, config = export.read_export_info(export_dir), export.load_config(export_dir)
+    if not getattr(config, "open_clip_compatible", False):
+        raise SystemExit(f"error: {export_dir} holds a {type(config).__name__} model that is not an "
                          "open_clip-compatible CoCa (CoCaConfig.open_clip_compatible=True)")
-    dtype = export.read_export_info(export_dir)["dtype"]
+    why = tokenizer_mismatch(info["tokenizer"], "--allow_other_tokenizer")
+    if why and not allow_other_tokenizer:
+        raise SystemExit(f"error: {export_dir}: {why}")
+    model, params, _ = export.load_export(export_dir)
+    dtype = info["dtype"]
     export_open_clip(params, model.config, output, formats=formats,
                      dtype=dtype if dtype in export.EXPORT_DTYPES else "float32")
     print(f"wrote open_clip files to {output}; load with open_clip.create_model('local-dir:{output}')")
 
 
+def open_clip_model_config(model: str) -> dict[str, Any]:
+    """open_clip's model config: `model` is a model name (needs open_clip_torch) or a JSON file,
+    either an `open_clip_config.json` (as on the Hugging Face hub) or a bare model config."""
+    if model.endswith(".json") or os.path.isfile(model):
+        with open(model, encoding="utf-8") as f:
+            data = json.load(f)
+        return data.get("model_cfg", data)
+    try:
+        import open_clip  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
+    except ImportError as e:
+        raise ValueError(f"--model {model}: open_clip model names need open_clip_torch installed; "
+                         "or give the model's open_clip_config.json") from e
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {model!r}; give an open_clip model name (e.g. coca_ViT-B-32) "
+                         "or the path of its open_clip_config.json")
+    return cfg
+
+
+def load_open_clip(model: str, checkpoint: str, scan_layers: bool = False) -> tuple[coca.CoCaConfig, dict]:
+    """(config, params) of an open_clip CoCa checkpoint; `model` as in `open_clip_model_config`."""
+    cfg = config_from_open_clip(open_clip_model_config(model), scan_layers=scan_layers)
+    return cfg, from_open_clip(load_state_dict(checkpoint), cfg)
+
+
+def import_open_clip(model: str, checkpoint: str, export_dir: str, merges_path: str | None = None,
+                     scan_layers: bool = False) -> str:
+    """An open_clip CoCa checkpoint -> a complete simvlm_jax export directory (params.safetensors,
+    model.gin, CLIP BPE merges, export_info.json, MODEL_CARD.md), which `caption`, `zero_shot`,
+    `export.load_export` and `train.init_from` read. `merges_path`: CLIP's BPE file (default: the
+    one open_clip_torch ships). Returns `export_dir`."""
+    from simvlm_jax.data import clip_tokenizer  # pylint: disable=g-import-not-at-top  (seqio -> TensorFlow)
+    vocab = clip_tokenizer.ClipBpeVocabulary(merges_path)  # fails before the checkpoint is read
+    cfg, params = load_open_clip(model, checkpoint, scan_layers)
+    coca.CoCaFamily(cfg).check_vocabulary(vocab)
+    origin = (f"Imported from the open_clip checkpoint `{os.path.basename(checkpoint)}` (model "
+              f"`{os.path.basename(model)}`) with `python -m simvlm_jax.convert_open_clip`; not trained here.")
+    return export.export(params, cfg, vocab, export_dir, origin=origin)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help="open_clip model name, e.g. coca_ViT-B-32 (open_clip -> ours)")
+    ap.add_argument("--model", help="open_clip model name, e.g. coca_ViT-B-32, or its open_clip_config.json "
+                    "(open_clip -> ours)")
     ap.add_argument("--checkpoint", help=".bin/.pt/.safetensors open_clip state_dict (open_clip -> ours)")
     ap.add_argument("--export_dir", help="a simvlm_jax export of an open_clip-compatible CoCa (ours -> open_clip)")
     ap.add_argument("--output", required=True,
-                    help="open_clip -> ours: output .msgpack (flax serialization of the params); "
-                         "ours -> open_clip: output directory for open_clip.create_model('local-dir:...')")
+                    help="open_clip -> ours: the export directory to write (a path ending in .msgpack writes "
+                         "only the params, flax-serialized); ours -> open_clip: output directory for "
+                         "open_clip.create_model('local-dir:...')")
     ap.add_argument("--format", action="append", choices=("safetensors", "bin"),
                     help="ours -> open_clip weight files (repeatable; default safetensors)")
+    ap.add_argument("--merges_path", help="open_clip -> ours: CLIP BPE merges file "
+                    "(default: the bpe_simple_vocab_16e6.txt.gz open_clip_torch ships)")
+    ap.add_argument("--allow_other_tokenizer", action="store_true",
+                    help="ours -> open_clip: convert a model trained with another tokenizer than CLIP BPE")
     ap.add_argument("--scan_layers", action="store_true")
     args = ap.parse_args(argv)
     if args.export_dir:
         if args.model or args.checkpoint:
             ap.error("--export_dir (ours -> open_clip) excludes --model/--checkpoint")
-        _export_to_open_clip(args.export_dir, args.output, args.format or ["safetensors"])
+        _export_to_open_clip(args.export_dir, args.output, args.format or ["safetensors"],
+                             args.allow_other_tokenizer)
         return
     if not (args.model and args.checkpoint):
         ap.error("open_clip -> ours needs --model and --checkpoint (or give --export_dir)")
-    import open_clip  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
-    cfg = config_from_open_clip(open_clip.get_model_config(args.model), scan_layers=args.scan_layers)
-    params = from_open_clip(load_state_dict(args.checkpoint), cfg)
-    with open(args.output, "wb") as f:
-        f.write(serialization.msgpack_serialize(params))
-    print(f"wrote {count_params(params):,} params to {args.output}; config: "
-          f"{dataclasses.asdict(cfg)}")
+    try:
+        if args.output.endswith(".msgpack"):
+            cfg, params = load_open_clip(args.model, args.checkpoint, args.scan_layers)
+            with open(args.output, "wb") as f:
+                f.write(serialization.msgpack_serialize(params))
+            print(f"wrote {count_params(params):,} params to {args.output}; config: {dataclasses.asdict(cfg)}")
+            return
+        out = import_open_clip(args.model, args.checkpoint, args.output, args.merges_path, args.scan_layers)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
+    info = export.read_export_info(out)
+    print(f"wrote an export of {info['num_params']:,} params to {out}; caption with "
+          f"`python -m simvlm_jax.caption --export_dir {out} IMAGE`")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """One experiment = a work dir + data + model + the modes to run; all settings from gin."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Sequence
 
 import gin
+import jax
 
-from simvlm_jax import checkpointing, convert_open_clip, evaluate, export, partitioning, train
+from simvlm_jax import checkpointing, convert_open_clip, evaluate, export, metric_writer, partitioning, train
 from simvlm_jax.data import pipeline, sources, synthetic, tasks, tokenizer  # noqa: F401  (gin configurables)
 from simvlm_jax.models import registry
 
@@ -51,6 +53,60 @@ def register_data(registrations: Sequence[Any] = ()) -> list[Any]:
     return list(registrations)
 
 
+def eval_name(step: int | None, max_examples: int | None = None, from_export: bool = False) -> str:
+    """The eval's directory name: its data (evaluate_captioning's annotations file + split,
+    shards glob or gin scope), decoding and checkpoint step, e.g. 'heldout_step1200',
+    'dataset_coco-test_beam3_step5000' -- so evals of other data or steps never overwrite."""
+    bindings = gin.get_bindings("evaluate_captioning")
+    if bindings.get("annotations_json"):
+        name = os.path.splitext(os.path.basename(str(bindings["annotations_json"])))[0]
+        name += f"-{bindings['split']}" if bindings.get("split") else ""
+    else:
+        shards = bindings.get("shards", "")
+        scopes = getattr(shards, "scopes", None)  # `@heldout/path_join()`: the gin scope names it
+        if scopes:
+            name = scopes[-1]
+        else:
+            parts = [p for p in str(shards).replace("\\", "/").split("/") if p and not any(c in p for c in "*?[")]
+            name = parts[-1] if parts else "eval"
+            name = os.path.splitext(name)[0] if name.endswith(".tar") else name
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "eval"
+    if int(bindings.get("num_beams", 1)) > 1:
+        name += f"_beam{bindings['num_beams']}"
+    name += "_export" if from_export else ""
+    name += f"_step{step}" if step is not None else ""
+    return name + (f"_first{max_examples}" if max_examples else "")
+
+
+def unused_dir(path: str) -> str:
+    """`path`, or `path-2`, `path-3`, ... if it exists: an eval never replaces another's files."""
+    candidate, n = path, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
+
+
+def latest_eval_metrics(eval_root: str, step: int | None) -> dict[str, Any] | None:
+    """The metrics of the most recent full eval of checkpoint `step` under `eval_root` (for the
+    model card of an export made without an eval in the same command)."""
+    found = []
+    try:
+        paths = sources.expand_paths(os.path.join(eval_root, "*", "metrics.json"))
+    except (FileNotFoundError, ValueError):  # no evals yet
+        paths = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+        if info.get("step") == step and info.get("metrics", {}).get("num_images") and \
+                "_first" not in os.path.basename(os.path.dirname(path)):
+            found.append((os.path.getmtime(path), path, info))
+    if not found:
+        return None
+    _, path, info = max(found, key=lambda t: t[0])
+    return {**info["metrics"], "eval_dir": os.path.dirname(path)}
+
+
 @gin.configurable
 def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None = None,
         export_dir: str | None = None, export_dtype: str | None = None, export_open_clip: bool = False,
@@ -58,12 +114,14 @@ def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None
     """Runs the requested modes in order and returns a JSON-able summary.
 
     The model is the gin-selected family (`model_family.name`, set by gin/models/*.gin).
-    `export_open_clip=True` adds open_clip's files to the export (open_clip-compatible CoCa).
-    Evals during training (`train.eval_every`) use the first `eval_every_max_examples`
+    Each eval writes to its own directory, `eval_dir` or `WORK_DIR/eval/<data>_step<N>`
+    (`eval_name`); its metrics are appended to metrics.jsonl / TensorBoard at the checkpoint's
+    step. `export_open_clip=True` adds open_clip's files to the export (open_clip-compatible
+    CoCa). Evals during training (`train.eval_every`) use the first `eval_every_max_examples`
     examples and skip the constant-caption baseline.
     """
     summary: dict[str, Any] = {"work_dir": os.path.abspath(work_dir)}
-    eval_dir = eval_dir or os.path.join(work_dir, "eval")
+    eval_root = os.path.join(work_dir, "eval")
     export_dir = export_dir or os.path.join(work_dir, "export")
     # Config mistakes fail before any compute (a writer checks what it can represent when created).
     family = registry.model_family()
@@ -80,7 +138,8 @@ def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None
 
         def eval_during_training(params, step):
             """Captioning eval hook (train.eval_every); images + captions go to TensorBoard."""
-            out = evaluate.evaluate_captioning(family, params, vocab, mesh, os.path.join(eval_dir, f"step_{step}"),
+            out_dir = unused_dir(os.path.join(eval_root, eval_name(step, eval_every_max_examples)))
+            out = evaluate.evaluate_captioning(family, params, vocab, mesh, out_dir,
                                                max_examples=eval_every_max_examples, with_constant_baseline=False)
             return {**out["metrics"], "samples": out["samples"]}
 
@@ -99,18 +158,47 @@ def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None
         summary.update(step=step, checkpoint_dir=str(manager.directory))
     metrics = None
     if "eval" in modes:
+        out_dir = eval_dir or unused_dir(os.path.join(eval_root, eval_name(step, from_export=eval_from_export)))
         if eval_from_export:
             model, export_params, vocab_e = export.load_export(export_dir)
-            out = evaluate.evaluate_captioning(model, export_params, vocab_e, mesh, eval_dir)
+            step = export.read_export_info(export_dir).get("step", step)
+            out = evaluate.evaluate_captioning(model, export_params, vocab_e, mesh, out_dir)
         else:
-            out = evaluate.evaluate_captioning(family, params, vocab, mesh, eval_dir)
+            out = evaluate.evaluate_captioning(family, params, vocab, mesh, out_dir)
         metrics = out["metrics"]
+        _record_eval(work_dir, out_dir, step, metrics)
         summary.update(dict(metrics.items()))
         summary["report"] = out.get("report")
-        summary["eval_dir"] = os.path.abspath(eval_dir)
+        summary["eval_dir"] = os.path.abspath(out_dir)
+        log.info("eval: results in %s", os.path.abspath(out_dir))
     if "export" in modes:
-        export.export(params, family.config, vocab.sentencepiece_model_file, export_dir,
+        if metrics is None:
+            metrics = latest_eval_metrics(eval_root, step)
+            if metrics is None:
+                log.info("export: no eval of checkpoint %s in %s; the model card has no metrics "
+                         "(run --mode=eval,export to include them)", step, eval_root)
+        export.export(params, family.config, vocab, export_dir,
                       metrics=metrics, dtype=export_dtype, training_gin=gin.config_str(),
                       step=int(step), writers=writers)
         summary["export_dir"] = os.path.abspath(export_dir)
+        log.info("export: checkpoint %s -> %s", step, os.path.abspath(export_dir))
     return summary
+
+
+def _record_eval(work_dir: str, out_dir: str, step: int | None, metrics: dict[str, Any]) -> None:
+    """Stamps the eval's step into its metrics.json and appends its scalars to the run's
+    metrics.jsonl and TensorBoard at that step (process 0 writes)."""
+    path = os.path.join(out_dir, "metrics.json")
+    if step is None or jax.process_index() != 0:
+        return
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+        info["step"] = int(step)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1)
+    writer = metric_writer.MetricWriter(work_dir)
+    scalars = {f"eval/{k}": float(v) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    writer.write_scalars(int(step), scalars)
+    writer.close()

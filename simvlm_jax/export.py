@@ -3,8 +3,10 @@
 An export holds no optimizer state and no pickles:
   params.safetensors  flat '/'-joined parameter paths -> arrays (float32, or bf16/fp16 with `dtype`)
   model.gin           the `SimVLMConfig.*` or `CoCaConfig.*` bindings that rebuild the model
-  tokenizer.model     the SentencePiece model (absent for open_clip CoCa, which uses CLIP BPE)
-  export_info.json    format version, model type, tokenizer, parameter count, dtype, metrics
+  tokenizer.model     the SentencePiece model, or
+  bpe_simple_vocab_16e6.txt.gz   CLIP BPE's merges (open_clip's tokenizer)
+  export_info.json    format version, model type, tokenizer ({'type': 'sentencepiece' | 'clip_bpe',
+                      'file'}), parameter count, dtype, metrics
   MODEL_CARD.md       what it is, how it was trained, its metrics
   <extra>/            (optional) files in another ecosystem's format, written by `writers`, e.g.
                       open_clip/ for an open_clip-compatible CoCa (`convert_open_clip.OpenClipWriter`)
@@ -41,6 +43,10 @@ from simvlm_jax.models.family import ModelFamily
 FORMAT_VERSION = 2  # 2: model type (SimVLM | CoCa) and tokenizer recorded; 1: SimVLM only
 PARAMS_FILE = "params.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
+CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"  # = clip_tokenizer.MERGES_FILE (not imported: seqio)
+# Tokenizer types a bundle records; bundles written before CLIP BPE was stored say 'open_clip'.
+TOKENIZER_TYPES = ("sentencepiece", "clip_bpe")
+_TOKENIZER_ALIASES = {"open_clip": "clip_bpe"}
 
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 ModelConfig = Any  # a registered family's config (SimVLMConfig, CoCaConfig, ...)
@@ -125,10 +131,12 @@ def gin_to_config(text: str) -> ModelConfig:
 def _tokenizer_note(tokenizer: dict[str, Any]) -> str:
     if tokenizer["type"] == "sentencepiece":
         return f"SentencePiece, `{TOKENIZER_FILE}` in this directory."
-    if tokenizer["type"] == "open_clip":
-        return ("CLIP BPE, not included: `simvlm_jax.data.clip_tokenizer.ClipBpeVocabulary()` (reads the "
-                "merges file shipped with open_clip_torch; ids equal `open_clip.get_tokenizer('coca_ViT-B-32')`'s); "
-                "target tokens = its output without the leading <start_of_text>.")
+    if tokenizer["type"] == "clip_bpe":
+        where = (f"merges `{tokenizer['file']}` in this directory" if tokenizer["file"] else
+                 "merges file not included: the one open_clip_torch ships is used")
+        return (f"CLIP BPE ({where}; `simvlm_jax.data.clip_tokenizer.ClipBpeVocabulary`, ids equal "
+                "`open_clip.get_tokenizer('coca_ViT-B-32')`'s); target tokens = its output without the "
+                "leading <start_of_text>.")
     return "not included."
 
 
@@ -138,9 +146,10 @@ def _model_card(fam: ModelFamily, info: dict[str, Any], extra_notes: Sequence[st
                              for k, v in metrics.items())
     use = "python -m simvlm_jax.caption --export_dir THIS_DIR image.jpg" if fam.can_generate else ""
     use += "\npython -m simvlm_jax.zero_shot --export_dir THIS_DIR --mode classify --image_dir DIR"
+    origin = info.get("origin") or f"Trained with simvlm_jax, step {info['step']}."
     card = (f"# {info['model_type']} export\n\n{fam.describe()}\n"
             f"{info['num_params']:,} parameters, weights stored as {info['dtype']}.\n"
-            f"Trained with simvlm_jax, step {info['step']}.\n\nTokenizer: {_tokenizer_note(info['tokenizer'])}\n\n"
+            f"{origin}\n\nTokenizer: {_tokenizer_note(info['tokenizer'])}\n\n"
             f"## Metrics\n\n| metric | value |\n|---|---|\n{metric_lines}\n\n## Use\n\n```\n{use}\n```\n")
     for note in extra_notes:
         card += f"\n{note}\n"
@@ -152,34 +161,59 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def _tokenizer_info(fam: ModelFamily, vocab_path: str | None) -> dict[str, Any]:
-    if vocab_path:
-        return {"type": "sentencepiece", "file": TOKENIZER_FILE}
-    return {"type": fam.external_tokenizer, "file": None}
+def tokenizer_source(fam: ModelFamily, vocabulary: Any) -> tuple[dict[str, Any], str | None]:
+    """(export_info.json's `tokenizer` entry, the file to copy into the bundle) for `vocabulary`:
+    a SentencePiece model path, a seqio SentencePiece vocabulary, a CLIP BPE vocabulary, or None
+    (no tokenizer; for families whose tokenizer lives elsewhere, `fam.external_tokenizer`)."""
+    if vocabulary is None:
+        kind = _TOKENIZER_ALIASES.get(fam.external_tokenizer, fam.external_tokenizer)
+        return {"type": kind, "file": None}, None
+    if isinstance(vocabulary, (str, os.PathLike)):
+        return {"type": "sentencepiece", "file": TOKENIZER_FILE}, os.fspath(vocabulary)
+    # Duck-typed: importing seqio here would load TensorFlow for every export reader.
+    if getattr(vocabulary, "kind", None) == "clip_bpe":
+        return {"type": "clip_bpe", "file": CLIP_BPE_FILE}, vocabulary.merges_path
+    spm_file = getattr(vocabulary, "sentencepiece_model_file", None)
+    if spm_file:
+        return {"type": "sentencepiece", "file": TOKENIZER_FILE}, spm_file
+    raise ValueError(f"export: cannot store a {type(vocabulary).__name__} tokenizer; pass a SentencePiece "
+                     "model path or vocabulary, or a clip_tokenizer.ClipBpeVocabulary")
 
 
 class ExtraWriter(Protocol):
     """Writes a bundle's files in another ecosystem's format (e.g. open_clip's)."""
     name: str  # the bundle's subdirectory and the export_info.json key
 
+    def check_tokenizer(self, tokenizer: dict[str, Any]) -> None:
+        """Raises ValueError if files in this format would mis-tokenize with the bundle's tokenizer
+        (`export_info.json`'s `tokenizer` entry); runs before anything is written."""
+
     def __call__(self, host_params: Any, out_dir: str, dtype: str) -> str:
         """Writes into `out_dir`; returns a model-card note on how to load them."""
 
 
-def export(params: Any, config: ModelConfig, vocab_path: str | None, export_dir: str,
+def export(params: Any, config: ModelConfig, vocabulary: Any, export_dir: str,
            metrics: dict[str, Any] | None = None, dtype: str | None = None,
            training_gin: str | None = None, step: int | None = None,
-           writers: Sequence[ExtraWriter] = ()) -> str:
+           writers: Sequence[ExtraWriter] = (), origin: str | None = None) -> str:
     """Writes an inference bundle of any family's model; returns `export_dir`.
 
     `dtype` ('bfloat16' | 'float16' | 'float32') casts floating params (bf16 halves the
-    file). `vocab_path`: the SentencePiece model (None: no tokenizer file, e.g. open_clip
-    CoCa). Each of `writers` adds files in its own subdirectory (e.g.
-    `convert_open_clip.OpenClipWriter(config)`: open_clip's state dict); check what they
-    can represent when creating them, so a bad request fails before anything is written.
+    file). `vocabulary`: the tokenizer the model was trained with, stored in the bundle and
+    recorded in export_info.json: the vocabulary `tokenizer.get_vocabulary()` returned
+    (SentencePiece or CLIP BPE) or a SentencePiece model path; None: no tokenizer file.
+    Each of `writers` adds files in its own subdirectory (e.g.
+    `convert_open_clip.OpenClipWriter(config)`: open_clip's state dict); they check the
+    config when created and the tokenizer here, before anything is written. `origin`: the
+    model card's provenance line (default: trained with simvlm_jax at `step`).
     The bundle appears atomically (written to `export_dir.tmp`, then renamed).
     """
     fam = registry.family_of(config)
+    tokenizer, tokenizer_file = tokenizer_source(fam, vocabulary)
+    for writer in writers:
+        check = getattr(writer, "check_tokenizer", None)
+        if check is not None:
+            check(tokenizer)
     host_params = jax.tree_util.tree_map(_to_host, nn.meta.unbox(params))
     flat = flatten_params(host_params)
     if dtype:
@@ -192,13 +226,15 @@ def export(params: Any, config: ModelConfig, vocab_path: str | None, export_dir:
     save_file(flat, os.path.join(tmp, PARAMS_FILE),
               metadata={"format": "simvlm_jax", "version": str(FORMAT_VERSION), "model_type": fam.export_type})
     _write_text(os.path.join(tmp, "model.gin"), config_to_gin(config))
-    if vocab_path:
-        shutil.copy(vocab_path, os.path.join(tmp, TOKENIZER_FILE))
+    if tokenizer_file:
+        shutil.copy(tokenizer_file, os.path.join(tmp, tokenizer["file"]))
     info = {"format_version": FORMAT_VERSION, "model": fam.export_type, "model_type": fam.export_type,
-            "config_class": type(config).__name__, "tokenizer": _tokenizer_info(fam, vocab_path),
+            "config_class": type(config).__name__, "tokenizer": tokenizer,
             "num_params": int(sum(v.size for v in flat.values())),
             "dtype": dtype or str(next(iter(flat.values())).dtype), "step": step,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(), "metrics": metrics or {}}
+    if origin:
+        info["origin"] = origin
     notes = []
     for writer in writers:
         notes.append(writer(host_params, os.path.join(tmp, writer.name), dtype or "float32"))
@@ -227,11 +263,16 @@ def read_export_info(export_dir: str) -> dict[str, Any]:
                          f"({FORMAT_VERSION}); update simvlm_jax")
     info.setdefault("model_type", info.get("model", "SimVLM"))
     info.setdefault("tokenizer", {"type": "sentencepiece", "file": TOKENIZER_FILE})
+    kind = info["tokenizer"]["type"]
+    info["tokenizer"] = {**info["tokenizer"], "type": _TOKENIZER_ALIASES.get(kind, kind)}
     return info
 
 
 def _check_export_dir(export_dir: str, info: dict[str, Any]) -> None:
-    needed = [PARAMS_FILE, "model.gin"] + ([TOKENIZER_FILE] if info["tokenizer"]["type"] == "sentencepiece" else [])
+    needed = [PARAMS_FILE, "model.gin"] + ([info["tokenizer"]["file"] or TOKENIZER_FILE]
+                                           if info["tokenizer"]["type"] in TOKENIZER_TYPES else [])
+    if info["tokenizer"]["type"] == "clip_bpe" and not info["tokenizer"]["file"]:
+        needed.pop()  # older bundles: CLIP BPE from open_clip_torch
     missing = [n for n in needed if not os.path.exists(os.path.join(export_dir, n))]
     if missing:
         raise FileNotFoundError(f"{export_dir} is not a simvlm_jax export (missing {', '.join(missing)})")
@@ -254,8 +295,9 @@ def load_export(export_dir: str) -> tuple[Any, dict[str, Any], Any]:
     The model is the flax module of the bundle's family (`SimVLM`, `CoCa`, ...; its
     family: `registry.family_of(model)`), by the bundle's model type. Low-precision
     (bf16/fp16) params are upcast when the config's param_dtype is float32. The
-    vocabulary of open_clip CoCa bundles is CLIP BPE (`clip_tokenizer.ClipBpeVocabulary`,
-    None when its merges file is not available); None for bundles without a tokenizer.
+    vocabulary is the one the bundle records: SentencePiece, or CLIP BPE
+    (`clip_tokenizer.ClipBpeVocabulary`, from the bundle's merges file; bundles without one use
+    open_clip_torch's, None when that is not installed); None for bundles without a tokenizer.
     """
     info = read_export_info(export_dir)
     _check_export_dir(export_dir, info)
@@ -263,17 +305,23 @@ def load_export(export_dir: str) -> tuple[Any, dict[str, Any], Any]:
     params = unflatten_params(load_file(os.path.join(export_dir, PARAMS_FILE)))
     if config.param_dtype == "float32":
         params = jax.tree_util.tree_map(lambda x: x.astype(np.float32) if _is_float(x.dtype) else x, params)
-    vocab = None
-    if info["tokenizer"]["type"] == "sentencepiece":
+    return registry.family_of(config).module, params, load_vocabulary(export_dir, info)
+
+
+def load_vocabulary(export_dir: str, info: dict[str, Any] | None = None) -> Any:
+    """The bundle's tokenizer as a seqio vocabulary (see `load_export`), or None."""
+    tokenizer = (info or read_export_info(export_dir))["tokenizer"]
+    file = os.path.join(export_dir, tokenizer["file"]) if tokenizer.get("file") else None
+    if tokenizer["type"] == "sentencepiece":
         import seqio  # pylint: disable=g-import-not-at-top  (TensorFlow: only to load a vocabulary)
-        vocab = seqio.SentencePieceVocabulary(os.path.join(export_dir, TOKENIZER_FILE))
-    elif info["tokenizer"]["type"] == "open_clip":
+        return seqio.SentencePieceVocabulary(file or os.path.join(export_dir, TOKENIZER_FILE))
+    if tokenizer["type"] == "clip_bpe":
         from simvlm_jax.data import clip_tokenizer  # pylint: disable=g-import-not-at-top  (seqio -> TensorFlow)
-        try:  # CLIP BPE from the merges file open_clip_torch ships (None without it)
-            vocab = clip_tokenizer.ClipBpeVocabulary()
+        try:  # without a merges file in the bundle: the one open_clip_torch ships
+            return clip_tokenizer.ClipBpeVocabulary(file)
         except (FileNotFoundError, ImportError) as e:
             logging.getLogger("simvlm_jax").warning("%s: no CLIP BPE tokenizer (%s)", export_dir, e)
-    return registry.family_of(config).module, params, vocab
+    return None
 
 
 # ----------------------------------------------------------------------------- restoring for training

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -22,10 +23,11 @@ from typing import Any, Sequence
 import jax
 
 from simvlm_jax import experiment
-from simvlm_jax.cli import UserError, add_gin_args, load_gin, split_gin_args
+from simvlm_jax.cli import UserError, add_gin_args, check_required_macros, load_gin, split_gin_args
 
 MODES = ("prepare", "train", "eval", "export")
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+MAX_ERROR_CHARS = 600  # longer messages are cut: a user reads one line, not a dump
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -77,14 +79,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.multihost or args.coordinator_address:
             init_distributed(args.coordinator_address, args.num_processes, args.process_id)
         load_gin(args.gin_file, bindings, args.gin_search_path)
+        check_required_macros()
         t0 = time.time()
         summary = experiment.run(args.modes)
         summary["wall_time_sec"] = round(time.time() - t0, 1)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, FileNotFoundError) as e:
+        if os.environ.get("SIMVLM_DEBUG"):
+            raise
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, FloatingPointError) as e:
         # Raised by our own checks (bad config value, a diverged run): one line naming the
@@ -92,13 +94,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         # SIMVLM_DEBUG=1 always shows the traceback.
         if os.environ.get("SIMVLM_DEBUG") or not raised_by_simvlm(e):
             raise
-        msg = " ".join(str(e).split())
+        msg = one_line(str(e))
         print(f"error: {type(e).__name__}: {msg}" if isinstance(e, TypeError) else f"error: {msg}",
               file=sys.stderr)
         return 2
     if args.print_json:
         print(json.dumps(summary, default=_json_default))
+    else:
+        for key in ("checkpoint_dir", "eval_dir", "report", "export_dir"):
+            if summary.get(key):
+                print(f"{key}: {summary[key]}")
     return 0
+
+
+def one_line(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """The message on one line, cut to `limit` characters (the full text: SIMVLM_DEBUG=1)."""
+    text = " ".join(message.split())
+    text = re.sub(r"\s*In call to configurable '[^']*' \(<[^>]*>\)", "", text)  # gin's addendum
+    return text if len(text) <= limit else text[:limit - 40] + " ... (SIMVLM_DEBUG=1 shows all)"
 
 
 def raised_by_simvlm(e: BaseException) -> bool:

@@ -77,15 +77,12 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn_data: int = 1,
     if any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"make_mesh: mesh axis sizes must be positive or -1, got {sizes}")
     known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if per_slice % known:
-            raise ValueError(f"make_mesh: {per_slice} devices per slice are not divisible by {known} "
-                             f"(data={data}, fsdp={fsdp}, tensor={tensor})")
+    if -1 in sizes and per_slice % known == 0:
         sizes[sizes.index(-1)] = per_slice // known
     if math.prod(sizes) != per_slice:
-        raise ValueError(f"make_mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {per_slice} "
-                         f"devices per slice ({len(devices)} devices / dcn_data={dcn_data}); set one "
-                         f"axis to -1 to use the rest")
+        raise ValueError(f"make_mesh: data={data} x fsdp={fsdp} x tensor={tensor} does not fit the "
+                         f"{per_slice} devices per slice ({len(devices)} devices / dcn_data={dcn_data}); "
+                         f"e.g. {_mesh_suggestion(per_slice, fsdp, tensor)}")
     if dcn_data > 1:
         # Slices are TPU slices (device.slice_index) or, elsewhere, processes (hosts).
         num_slices = len({getattr(d, "slice_index", 0) for d in devices})
@@ -98,6 +95,13 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn_data: int = 1,
         except Exception:  # pylint: disable=broad-except
             arr = np.asarray(devices).reshape(sizes)
     return Mesh(arr, MESH_AXES)
+
+
+def _mesh_suggestion(devices: int, fsdp: int, tensor: int) -> str:
+    """A complete mesh override that fits `devices`, keeping fsdp/tensor where they divide it."""
+    fsdp = fsdp if fsdp > 0 and devices % fsdp == 0 else 1
+    tensor = tensor if tensor > 0 and devices % (fsdp * tensor) == 0 else 1
+    return f"--gin.make_mesh.data=-1 --gin.make_mesh.fsdp={fsdp} --gin.make_mesh.tensor={tensor}"
 
 
 def logical_specs(abstract_boxed: Any) -> Any:
@@ -192,6 +196,19 @@ def num_batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+# Meshes of the open `activate` contexts, innermost last (see `active_mesh`).
+_ACTIVE_MESHES: list[Mesh] = []
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh of the innermost `activate` context, or None outside one.
+
+    Activation constraints (`layers.constrain`) pass it to flax explicitly: flax's logical
+    constraints only see jax's abstract mesh (`jax.set_mesh`), which the legacy `with mesh:`
+    context does not set, so without it every activation constraint would be a no-op."""
+    return _ACTIVE_MESHES[-1] if _ACTIVE_MESHES else None
+
+
 class activate:  # pylint: disable=invalid-name
     """Context in which logical axis names resolve to `mesh` (for tracing/compiling)."""
 
@@ -199,16 +216,18 @@ class activate:  # pylint: disable=invalid-name
         self.mesh, self.rules = mesh, rules or axis_rules()
 
     def __enter__(self):
-        # The legacy `with mesh:` context: flax's logical constraints resolve against it
-        # without re-constraining boxed params at init (jax.set_mesh would).
+        # The legacy `with mesh:` context, not jax.set_mesh: with an abstract mesh set, flax
+        # re-constrains boxed params at init (and DenseGeneral's reshaped kernels then fail).
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             self.mesh.__enter__()
         self._rules_ctx = nn.logical_axis_rules(self.rules)
         self._rules_ctx.__enter__()
+        _ACTIVE_MESHES.append(self.mesh)
         return self
 
     def __exit__(self, *exc):
+        _ACTIVE_MESHES.pop()
         self._rules_ctx.__exit__(*exc)
         self.mesh.__exit__(*exc)
 

@@ -160,23 +160,88 @@ def test_model_gin_must_name_one_config_class(tmp_path):
 
 
 def test_coca_bundle_without_tokenizer_file(tmp_path):
-    """open_clip CoCa uses CLIP BPE: no tokenizer file in the bundle; load_export gives the
-    CLIP BPE vocabulary (merges from open_clip_torch when installed, else None). A CoCa
-    exported without any tokenizer loads with vocab None."""
+    """An open_clip CoCa exported without a vocabulary records CLIP BPE (its family's external
+    tokenizer) with no file; load_export gives CLIP BPE from open_clip_torch when installed,
+    else None. A CoCa exported without any tokenizer loads with vocab None."""
     has_open_clip = importlib.util.find_spec("open_clip") is not None
-    for overrides, want in ((COCA_OPEN_CLIP, "open_clip"), (COCA_TINY, None)):
+    for overrides, want in ((COCA_OPEN_CLIP, "clip_bpe"), (COCA_TINY, None)):
         cfg = tiny_config("coca", **overrides)
         out = export.export(_init(cfg, seed=1), cfg, None, str(tmp_path / str(want)))
         model, _, vocab = export.load_export(out)
         assert isinstance(model, coca.CoCa) and model.config == cfg
-        if want == "open_clip" and has_open_clip:
+        if want == "clip_bpe" and has_open_clip:
             assert vocab.eos_id == 49407 and vocab.vocab_size == 49408
         else:
             assert vocab is None
         assert not os.path.exists(os.path.join(out, "tokenizer.model"))
         info = json.loads(open(os.path.join(out, "export_info.json")).read())
         assert info["tokenizer"]["type"] == want
-    assert "CLIP BPE" in open(os.path.join(tmp_path, "open_clip", "MODEL_CARD.md")).read()
+    assert "CLIP BPE" in open(os.path.join(tmp_path, "clip_bpe", "MODEL_CARD.md")).read()
+    # Bundles written before CLIP BPE was stored recorded its type as 'open_clip'.
+    path = os.path.join(tmp_path, "clip_bpe", "export_info.json")
+    info = json.loads(open(path).read())
+    info["tokenizer"]["type"] = "open_clip"
+    open(path, "w").write(json.dumps(info))
+    assert export.read_export_info(str(tmp_path / "clip_bpe"))["tokenizer"] == {"type": "clip_bpe", "file": None}
+
+
+def _clip_vocabulary():
+    clip_tokenizer = pytest.importorskip("simvlm_jax.data.clip_tokenizer")
+    try:
+        return clip_tokenizer.ClipBpeVocabulary()
+    except FileNotFoundError:
+        pytest.skip("needs the CLIP BPE merges file open_clip_torch ships")
+
+
+def test_bundle_records_and_ships_its_tokenizer(vocab_path, tmp_path):
+    """export(vocabulary=...) stores the tokenizer get_vocabulary gave (SentencePiece model or CLIP
+    BPE merges) and records its type; load_export returns that vocabulary, read from the bundle."""
+    cfg = tiny_config("coca", **COCA_OPEN_CLIP)
+    params = _init(cfg, seed=4)
+    clip = _clip_vocabulary()
+    out = export.export(params, cfg, clip, str(tmp_path / "clip"))
+    info = json.loads(open(os.path.join(out, "export_info.json")).read())
+    assert info["tokenizer"] == {"type": "clip_bpe", "file": "bpe_simple_vocab_16e6.txt.gz"}
+    with open(clip.merges_path, "rb") as a, open(os.path.join(out, info["tokenizer"]["file"]), "rb") as b:
+        assert a.read() == b.read()
+    _, _, vocab = export.load_export(out)
+    assert vocab.kind == "clip_bpe" and vocab.merges_path.startswith(out)
+    assert list(vocab.encode("a dog")) == list(clip.encode("a dog"))
+    os.remove(os.path.join(out, info["tokenizer"]["file"]))
+    with pytest.raises(FileNotFoundError, match="missing bpe_simple_vocab_16e6.txt.gz"):
+        export.load_export(out)
+
+    spm = tokenizer.get_vocabulary(vocab_path)  # a seqio vocabulary, as experiment.run passes it
+    out = export.export(params, cfg, spm, str(tmp_path / "spm"))
+    assert export.read_export_info(out)["tokenizer"] == {"type": "sentencepiece", "file": "tokenizer.model"}
+    assert export.load_export(out)[2].encode("a red square") == spm.encode("a red square")
+    with pytest.raises(ValueError, match="cannot store a dict tokenizer"):
+        export.export(params, cfg, {}, str(tmp_path / "bad"))
+
+
+def test_open_clip_files_refused_for_another_tokenizer(vocab_path, tmp_path, clean_gin, capsys):
+    """open_clip tokenizes with CLIP BPE: open_clip files of a model trained with SentencePiece are
+    refused (one line naming the tokenizer, the reason and the override) before anything is
+    written, by the writer and by the convert CLI; the override writes them."""
+    cfg = tiny_config("coca", **COCA_OPEN_CLIP)
+    params = _init(cfg, seed=5)
+    want = (r"^export_open_clip refused: the model was trained with the sentencepiece tokenizer, but open_clip "
+            r"always tokenizes with CLIP BPE, .*OpenClipWriter.allow_other_tokenizer = True to write it anyway$")
+    with pytest.raises(ValueError, match=want):
+        export.export(params, cfg, vocab_path, str(tmp_path / "refused"),
+                      writers=[convert_open_clip.OpenClipWriter(cfg)])
+    assert not os.path.exists(tmp_path / "refused") and not os.path.exists(tmp_path / "refused.tmp")
+    gin.parse_config("OpenClipWriter.allow_other_tokenizer = True")  # the override, as run() reads it
+    out = export.export(params, cfg, vocab_path, str(tmp_path / "allowed"),
+                        writers=[convert_open_clip.OpenClipWriter(cfg)])
+    assert os.path.exists(os.path.join(out, "open_clip", "open_clip_model.safetensors"))
+
+    with pytest.raises(SystemExit, match=r"^error: .*trained with the sentencepiece tokenizer.*"
+                                         r"--allow_other_tokenizer to write it anyway$"):
+        convert_open_clip.main(["--export_dir", out, "--output", str(tmp_path / "oc")])
+    assert not os.path.exists(tmp_path / "oc")
+    convert_open_clip.main(["--export_dir", out, "--output", str(tmp_path / "oc"), "--allow_other_tokenizer"])
+    assert "open_clip_model.safetensors" in os.listdir(tmp_path / "oc")
 
 
 def _data_bytes(path: str) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from simvlm_jax import convert_open_clip as conv
+from simvlm_jax.data import tokenizer  # noqa: F401  (registers get_vocabulary, bound by the gin files)
 from simvlm_jax.models import coca, family, registry
 
 torch = pytest.importorskip("torch")
@@ -165,11 +166,13 @@ def test_state_dict_round_trips_and_loads_strictly(tmp_path):
 
 @pytest.mark.parametrize("name", ["coca_ViT-B-32", "coca_ViT-L-14"])
 def test_gin_configs_match_open_clip(name, clean_gin):
-    """The gin config equals the converted open_clip config, and has open_clip's param count."""
+    """The gin config equals the converted open_clip config, has open_clip's param count and
+    selects open_clip's tokenizer (CLIP BPE)."""
     model_cfg = open_clip.get_model_config(name)
     expected = conv.config_from_open_clip(model_cfg)
     gin.parse_config_file(os.path.join(REPO, "gin", "models", f"{name}.gin"))
     assert registry.model_family().config == expected
+    assert gin.query_parameter("get_vocabulary.kind") == "clip_bpe"
     with torch.device("meta"):
         tmodel = open_clip.CoCa(**{k: v for k, v in model_cfg.items() if k != "custom_text"})
     n_torch = sum(p.numel() for p in tmodel.parameters())

@@ -7,7 +7,8 @@ open_clip does (ftfy when installed, HTML unescaping, whitespace collapsed, lowe
 
 The merges come from the BPE file CLIP publishes (`bpe_simple_vocab_16e6.txt.gz`, shipped
 inside open_clip_torch); pass its path, or install open_clip_torch and it is found there.
-Use it in gin with e.g. `image_text_task.vocabulary = @clip_vocabulary()`.
+Select it in gin with `get_vocabulary.kind = 'clip_bpe'` (tasks, eval and export follow; the
+open_clip model gin files do this), or per task with `image_text_task.vocabulary = @clip_vocabulary()`.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import regex
 import seqio
 
 SOT_ID, EOT_ID = 49406, 49407
+MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"  # CLIP's published name, also inside export bundles
 END_OF_WORD = "</w>"
 NUM_MERGES = 49152 - 256 - 2  # CLIP uses the first 48,894 merges of the file
 # Words are letters runs, single digits, or runs of other non-space symbols; English
@@ -49,16 +51,18 @@ def _byte_symbols() -> dict[int, str]:
 def default_merges_path() -> str:
     """The BPE file inside an installed open_clip_torch package."""
     spec = importlib.util.find_spec("open_clip")
-    path = os.path.join(os.path.dirname(spec.origin), "bpe_simple_vocab_16e6.txt.gz") if spec else ""
+    path = os.path.join(os.path.dirname(spec.origin), MERGES_FILE) if spec else ""
     if not path or not os.path.exists(path):
         raise FileNotFoundError(
-            "CLIP BPE merges file not found: pass clip_vocabulary.merges_path='.../bpe_simple_vocab_16e6.txt.gz' "
+            f"CLIP BPE merges file not found: set get_vocabulary.merges_path='.../{MERGES_FILE}' in gin "
             "(published with OpenAI CLIP) or `pip install open_clip_torch`, which ships it.")
     return path
 
 
 class ClipBpeVocabulary(seqio.Vocabulary):
     """CLIP BPE ids (no extra ids). `encode` gives the caption's ids without <start>/<end>."""
+
+    kind = "clip_bpe"  # `get_vocabulary.kind` and the tokenizer type export bundles record
 
     def __init__(self, merges_path: str | None = None):
         self._regex = regex.compile(_WORD_PATTERN, regex.IGNORECASE)
@@ -122,6 +126,13 @@ class ClipBpeVocabulary(seqio.Vocabulary):
 
     def __hash__(self) -> int:
         return hash(("ClipBpeVocabulary", self.merges_path))
+
+    # Pickled as its merges path (grain worker processes): the regex and BPE cache are rebuilt.
+    def __getstate__(self) -> dict[str, str]:
+        return {"merges_path": self.merges_path}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.__init__(state["merges_path"])
 
     # ----------------------------------------------------------------- BPE
     def _bpe_uncached(self, symbols: str) -> tuple[str, ...]:

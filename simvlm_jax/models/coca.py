@@ -588,10 +588,10 @@ class CoCaFamily(family.ModelFamily):
                              "(or text_prefix_prob=0) so the whole caption is the target")
 
     def check_vocabulary(self, vocab) -> None:
-        super().check_vocabulary(vocab)
-        if self.config.eos_id != vocab.eos_id:
+        if self.config.eos_id != vocab.eos_id:  # CoCa's EOS is a setting (open_clip's is 49407)
             raise ValueError(f"CoCaConfig.eos_id={self.config.eos_id} but the tokenizer's EOS is {vocab.eos_id}: "
                              f"set CoCaConfig.eos_id={vocab.eos_id} (captions are trained to end with it)")
+        super().check_vocabulary(vocab)
 
     def tokens_per_example(self) -> int:
         return self.config.num_patches + self.config.max_text_len + 1

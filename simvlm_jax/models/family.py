@@ -83,12 +83,33 @@ class ModelFamily:
     def check_batch(self, host_batch: Mapping[str, np.ndarray]) -> None:
         """Raises ValueError if a host batch is wrong for this model in a way shapes can't show."""
 
+    # A model's vocabulary may exceed its tokenizer's up to the next multiple of this (the
+    # usual padding for fast embedding/logit matmuls, e.g. T5's 32,100 -> 32,128).
+    vocab_padding: int = 128
+
     def check_vocabulary(self, vocab: Any) -> None:
-        """Raises ValueError if the tokenizer does not fit the model config."""
+        """Raises ValueError if the tokenizer does not fit the model config: sizes (both
+        directions) and the special ids the model relies on (EOS, pad)."""
         cls = type(self.config).__name__
-        if self.config.vocab_size < vocab.vocab_size:
-            raise ValueError(f"{cls}.vocab_size={self.config.vocab_size} is smaller than the "
-                             f"tokenizer's {vocab.vocab_size} pieces; set {cls}.vocab_size")
+        size, model = vocab.vocab_size, self.config.vocab_size
+        remake = "make one with `python -m simvlm_jax.data.tokenizer` (pad=0 eos=1 unk=2)"
+        if model < size:
+            raise ValueError(f"{cls}.vocab_size={model} is smaller than the tokenizer's {size} pieces; "
+                             f"set {cls}.vocab_size={size}")
+        padded = -(-size // self.vocab_padding) * self.vocab_padding
+        if model > padded:
+            raise ValueError(f"{cls}.vocab_size={model} but the tokenizer has {size} pieces: ids {size}.."
+                             f"{model - 1} are never trained and decode to '⁇'; set {cls}.vocab_size={size} "
+                             f"(anything up to {padded} is fine) or use the tokenizer the model was made for")
+        if vocab.eos_id != self.eos_id:
+            raise ValueError(f"the tokenizer's EOS id is {vocab.eos_id} but {self.name} ends captions with id "
+                             f"{self.eos_id}, so generated captions would never stop; {remake}")
+        processor = getattr(vocab, "tokenizer", None)  # SentencePiece's processor, if any
+        pad = getattr(processor, "pad_id", None)
+        if callable(pad) and pad() != self.pad_id:
+            piece = processor.id_to_piece(self.pad_id) if self.pad_id < size else "?"
+            raise ValueError(f"the tokenizer has no pad piece at id {self.pad_id} (its pad id is {pad()}; id "
+                             f"{self.pad_id} is {piece!r}), but {self.name} pads with id {self.pad_id}; {remake}")
 
     def tokens_per_example(self) -> int:
         """Image + text tokens one training example feeds the model (for tokens/s)."""

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simvlm_jax import partitioning
+
 Array = jax.Array
 Dtype = Any
 
@@ -31,7 +33,9 @@ def param_with_axes(init: Callable, names: tuple[str | None, ...]) -> Callable:
 
 
 def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
-    return nn.with_logical_constraint(x, names)
+    """Constrains activation `x` to the logical axes `names` on the active mesh (a no-op outside
+    `partitioning.activate`). The mesh is passed explicitly: flax alone would not see it."""
+    return nn.with_logical_constraint(x, names, mesh=partitioning.active_mesh())
 
 
 def dense_general(features, axis, kernel_names, bias_names, *, dtype, param_dtype,
