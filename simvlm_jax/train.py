@@ -192,7 +192,7 @@ class Trainer:
                 raise ValueError(f"{self.family.name}: global batch {x.shape[0]} must be divisible by "
                                  f"train.microbatches={k} x the batch shards data*fsdp={shards}")
             x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
-            return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
+            return layers.constrain(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
         micro = jax.tree_util.tree_map(split, batch)
 
         def body(carry, xs):
@@ -308,7 +308,7 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
                          f"shards data*fsdp={partitioning.num_batch_shards(mesh)} of mesh {dict(mesh.shape)}")
     trainer = Trainer(family, mesh, make_optimizer(num_steps), microbatches=microbatches,
                       loss_weights=loss_weights, rules=partitioning.axis_rules(), seed=seed)
-    data_iter = pipeline.make_train_iterator(global_batch_size=global_batch_size, seed=seed)
+    data_iter = pipeline.make_train_iterator(global_batch_size=global_batch_size, seed=seed, num_steps=num_steps)
     manager = checkpointing.make_manager(work_dir)
     writer = MetricWriter(work_dir)
 

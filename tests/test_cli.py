@@ -75,6 +75,47 @@ def test_binding_another_familys_config_is_one_line(capsys, clean_gin):
     _assert_one_line_error(code, err, "CoCaConfig.encoder_width", "SimVLMConfig", "model_family.name")
 
 
+def test_typod_macro_override_is_an_error(capsys, clean_gin):
+    """gin would define a new macro NUM_STEP and train the full NUM_STEPS: an error instead."""
+    code, err = run_main(capsys, "--gin_file=gin/demo.gin", "--gin.NUM_STEP=5", "--mode=train")
+    _assert_one_line_error(code, err, "NUM_STEP", "did you mean --gin.NUM_STEPS")
+
+
+def test_unquoted_string_override_shows_the_quoting(capsys, clean_gin):
+    code, err = run_main(capsys, "--gin_file=gin/demo.gin", "--gin.WORK_DIR=/tmp/x", "--mode=train")
+    _assert_one_line_error(code, err, "--gin.WORK_DIR", """--gin.WORK_DIR="'/tmp/x'\"""")
+    code, err = run_main(capsys, "--gin_file=gin/demo.gin", "--gin.make_optimizer.schedule=cosine")
+    _assert_one_line_error(code, err, """--gin.make_optimizer.schedule="'cosine'\"""")
+
+
+def test_required_settings_are_named(capsys, clean_gin):
+    """runs/pretrain.gin leaves WORK_DIR, NUM_STEPS and BATCH_SIZE to the user's run file."""
+    code, err = run_main(capsys, "--gin_file=models/simvlm_tiny.gin", "--gin_file=data/builtin.gin",
+                         "--gin_file=runs/pretrain.gin", "--gin.DATA_DIR='/nonexistent'", "--mode=train")
+    _assert_one_line_error(code, err, "BATCH_SIZE, NUM_STEPS, WORK_DIR")
+
+
+def test_long_error_messages_are_cut(capsys, clean_gin, monkeypatch):
+    def huge(modes):  # e.g. orbax's tree dump inside a message
+        raise main.UserError("x" * 90_000)
+    monkeypatch.setattr(main.experiment, "run", huge)
+    code, err = run_main(capsys, "--gin_file=gin/demo.gin", "--mode=train")
+    _assert_one_line_error(code, err, "SIMVLM_DEBUG=1")
+    assert len(err.strip().splitlines()[-1]) <= main.MAX_ERROR_CHARS + len("error: ")
+
+
+def test_mesh_mismatch_suggests_a_complete_override():
+    devices = jax.devices()[:2]
+    with pytest.raises(ValueError) as info:
+        partitioning.make_mesh(data=4, fsdp=2, devices=devices)
+    suggestion = str(info.value).split("e.g. ")[-1]
+    assert suggestion.startswith("--gin.make_mesh.data=-1 --gin.make_mesh.fsdp=2 --gin.make_mesh.tensor=1")
+    mesh = partitioning.make_mesh(data=-1, fsdp=2, tensor=1, devices=devices)  # the suggestion works
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 1}
+    with pytest.raises(ValueError, match="fsdp=1 --gin.make_mesh.tensor=1"):
+        partitioning.make_mesh(data=-1, fsdp=2, devices=jax.devices()[:1])
+
+
 def test_internal_errors_keep_their_traceback(capsys, clean_gin, monkeypatch):
     """A ValueError raised inside a library (here numpy, as a JAX shape error would be) is a bug,
     not a config mistake: it propagates with its traceback instead of becoming one line."""
@@ -110,13 +151,19 @@ def test_end_to_end_prepare_train_eval_export(tmp_path):
         assert key in summary, (key, summary)
     assert summary["step"] == 3
     assert summary["num_images"] == 16
-    assert summary["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert summary["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}  # demo.gin: data=-1
     assert 0 <= summary["cider"] and 0 <= summary["bleu4"] <= 100
     assert os.path.exists(summary["report"])
     assert os.path.exists(data_dir / "spm.model") and os.path.exists(data_dir / "manifest.json")
     assert os.path.exists(work_dir / "metrics.jsonl")
-    with open(work_dir / "eval" / "captions.json", encoding="utf-8") as f:
+    # Each eval has its own directory, named by data and checkpoint step, and its metrics
+    # reach metrics.jsonl at that step.
+    assert summary["eval_dir"] == str(work_dir / "eval" / "heldout_step3")
+    with open(work_dir / "eval" / "heldout_step3" / "captions.json", encoding="utf-8") as f:
         assert len(json.load(f)) == 16
+    with open(work_dir / "metrics.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    assert any(r.get("step") == 3 and "eval/cider" in r for r in rows), rows[-3:]
 
     # The export rebuilds the model and holds exactly the checkpoint's params.
     model, params, vocab = export.load_export(summary["export_dir"])

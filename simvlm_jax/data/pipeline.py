@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from typing import Any, Sequence
 
 # The input pipeline must never take accelerator memory: hide GPUs from TF before
@@ -37,6 +38,8 @@ import numpy as np  # noqa: E402
 import seqio  # noqa: E402
 
 from simvlm_jax.data import preprocessors as pp  # noqa: E402
+
+log = logging.getLogger("simvlm_jax")
 # pylint: enable=g-import-not-at-top
 
 
@@ -111,11 +114,14 @@ def task_dataset(task: seqio.Task, split: str, seed: int, shuffle: bool = True,
 def make_train_iterator(mixture_or_task_name: str = gin.REQUIRED, global_batch_size: int = gin.REQUIRED,
                         seed: int = 0, split: str = "train", num_threads: int = 4,
                         prefetch_buffer_size: int = 32, worker_count: int = 0,
-                        process_index: int | None = None, process_count: int | None = None
+                        process_index: int | None = None, process_count: int | None = None,
+                        num_steps: int | None = None, warn_epochs: float = 10.0
                         ) -> grain.DatasetIterator:
     """Infinite iterator of this host's batches (dicts of numpy arrays).
 
-    `worker_count > 0` adds grain multiprocessing workers (output order unchanged).
+    `worker_count > 0` adds grain multiprocessing workers (output order unchanged). With
+    `num_steps`, a dataset smaller than the batch, or one a run would repeat more than
+    `warn_epochs` times, is logged once with the numbers (`epochs_per_run`).
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -123,6 +129,10 @@ def make_train_iterator(mixture_or_task_name: str = gin.REQUIRED, global_batch_s
         raise ValueError(f"global_batch_size={global_batch_size} must be divisible by the "
                          f"process count {process_count}")
     provider = seqio.get_mixture_or_task(mixture_or_task_name)
+    if num_steps:
+        for line in dataset_size_warnings(epochs_per_run(mixture_or_task_name, split, global_batch_size,
+                                                         num_steps), global_batch_size, warn_epochs):
+            log.warning("%s", line)
     if isinstance(provider, seqio.Mixture):
         tasks = provider.tasks
         weights = [provider.get_rate(t) for t in tasks]
@@ -143,6 +153,37 @@ def make_train_iterator(mixture_or_task_name: str = gin.REQUIRED, global_batch_s
     it_ds = it_ds.filter(drop_skipped)
     it_ds = it_ds.batch(global_batch_size // process_count, drop_remainder=True)
     return iter(it_ds)
+
+
+def epochs_per_run(mixture_or_task_name: str, split: str, global_batch_size: int,
+                   num_steps: int) -> dict[str, tuple[int, float]]:
+    """{task: (examples in its split, times a run of `num_steps` reads them)}; a mixture
+    draws from each task in proportion to its rate."""
+    provider = seqio.get_mixture_or_task(mixture_or_task_name)
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    rates = [provider.get_rate(t) for t in tasks] if isinstance(provider, seqio.Mixture) else [1.0]
+    total = float(sum(rates))
+    out = {}
+    for task, rate in zip(tasks, rates):
+        size = len(task.source.grain_source(split))
+        out[task.name] = (size, num_steps * global_batch_size * rate / total / max(size, 1))
+    return out
+
+
+def dataset_size_warnings(sizes: dict[str, tuple[int, float]], global_batch_size: int,
+                          warn_epochs: float) -> list[str]:
+    """Lines for tasks smaller than the batch or read more than `warn_epochs` times per run."""
+    lines = []
+    for name, (size, epochs) in sizes.items():
+        if size < global_batch_size:
+            lines.append(f"task {name!r} has {size:,} examples, fewer than the global batch of "
+                         f"{global_batch_size:,}: every batch repeats examples ({epochs:,.0f} epochs "
+                         f"this run); lower BATCH_SIZE or add data")
+        elif epochs > warn_epochs:
+            lines.append(f"task {name!r} has {size:,} examples and this run reads it {epochs:,.1f} "
+                         f"times (> make_train_iterator.warn_epochs={warn_epochs:g}); check NUM_STEPS "
+                         f"and BATCH_SIZE")
+    return lines
 
 
 def skipped_counts() -> dict[str, int]:
