@@ -20,6 +20,7 @@ import time
 import traceback
 from typing import Any, Sequence
 
+import flax
 import jax
 
 from simvlm_jax import experiment
@@ -87,6 +88,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("SIMVLM_DEBUG"):
             raise
         print(f"error: {one_line(str(e))}", file=sys.stderr)
+        return 2
+    except flax.errors.ScopeParamShapeError as e:
+        # Parameters built for another config (e.g. a model gin that does not select its family).
+        if os.environ.get("SIMVLM_DEBUG"):
+            raise
+        first = str(e).split("(https://")[0]
+        print(f"error: {one_line(first)}: the parameters do not fit the model config; check that the "
+              f"model gin file (it sets model_family.name and the config) matches the checkpoint in "
+              f"WORK_DIR (see WORK_DIR/config.gin) or train.init_from, or use a new WORK_DIR",
+              file=sys.stderr)
         return 2
     except (ValueError, TypeError, FloatingPointError) as e:
         # Raised by our own checks (bad config value, a diverged run): one line naming the

@@ -116,6 +116,18 @@ def test_mesh_mismatch_suggests_a_complete_override():
         partitioning.make_mesh(data=-1, fsdp=2, devices=jax.devices()[:1])
 
 
+def test_params_of_another_config_name_the_fix(capsys, clean_gin, monkeypatch):
+    """Flax's ScopeParamShapeError (params built for another config) becomes one line naming
+    where the mismatch comes from and what to do."""
+    import flax
+
+    def mismatch(modes):
+        raise flax.errors.ScopeParamShapeError("kernel", "/decoder/dense", (64, 32), (128, 32))
+    monkeypatch.setattr(main.experiment, "run", mismatch)
+    code, err = run_main(capsys, "--gin_file=gin/demo.gin", "--mode=train")
+    _assert_one_line_error(code, err, "kernel", "model_family.name", "WORK_DIR/config.gin", "new WORK_DIR")
+
+
 def test_internal_errors_keep_their_traceback(capsys, clean_gin, monkeypatch):
     """A ValueError raised inside a library (here numpy, as a JAX shape error would be) is a bug,
     not a config mistake: it propagates with its traceback instead of becoming one line."""
