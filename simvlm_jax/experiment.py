@@ -10,6 +10,7 @@ import gin
 import jax
 
 from simvlm_jax import checkpointing, convert_open_clip, evaluate, export, metric_writer, partitioning, train
+from simvlm_jax.cli import UserError
 from simvlm_jax.data import pipeline, sources, synthetic, tasks, tokenizer  # noqa: F401  (gin configurables)
 from simvlm_jax.models import registry
 
@@ -127,6 +128,10 @@ def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None
     family = registry.model_family()
     writers = [convert_open_clip.OpenClipWriter(family.config)] if export_open_clip and "export" in modes else []
     if "prepare" in modes:
+        if "data_dir" not in gin.get_bindings("prepare_builtin"):
+            raise UserError("--mode=prepare builds the built-in data (include 'data/builtin.gin' and set "
+                            "DATA_DIR); for your own data, make its tokenizer with `python -m "
+                            "simvlm_jax.data.tokenizer --input ... --vocab_size ... --output ...` and drop prepare")
         summary.update(prepare_builtin())
     vocab = tokenizer.get_vocabulary()
     family.check_vocabulary(vocab)
@@ -158,10 +163,11 @@ def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None
         summary.update(step=step, checkpoint_dir=str(manager.directory))
     metrics = None
     if "eval" in modes:
+        if eval_from_export:
+            step = export.read_export_info(export_dir).get("step", step)
         out_dir = eval_dir or unused_dir(os.path.join(eval_root, eval_name(step, from_export=eval_from_export)))
         if eval_from_export:
             model, export_params, vocab_e = export.load_export(export_dir)
-            step = export.read_export_info(export_dir).get("step", step)
             out = evaluate.evaluate_captioning(model, export_params, vocab_e, mesh, out_dir)
         else:
             out = evaluate.evaluate_captioning(family, params, vocab, mesh, out_dir)

@@ -77,7 +77,10 @@ def unflatten_params(flat: dict[str, np.ndarray]) -> dict[str, Any]:
 def _to_host(x: jax.Array) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
+    # Contiguous: safetensors writes an array's buffer as is, so a transposed numpy view (e.g.
+    # convert_open_clip's kernels) would be stored scrambled.
+    x = np.asarray(jax.device_get(x))
+    return x if x.flags.c_contiguous else x.copy(order="C")
 
 
 def _is_float(dtype: Any) -> bool:

@@ -95,6 +95,13 @@ def test_required_settings_are_named(capsys, clean_gin):
     _assert_one_line_error(code, err, "BATCH_SIZE, NUM_STEPS, WORK_DIR")
 
 
+def test_prepare_with_your_own_data_names_the_tokenizer_command(capsys, clean_gin, tmp_path):
+    code, err = run_main(capsys, "--gin_file=models/simvlm_tiny.gin", "--gin_file=runs/pretrain.gin",
+                         f"--gin.WORK_DIR='{tmp_path}'", "--gin.NUM_STEPS=1", "--gin.BATCH_SIZE=8",
+                         "--mode=prepare,train")
+    _assert_one_line_error(code, err, "data/builtin.gin", "python -m simvlm_jax.data.tokenizer")
+
+
 def test_long_error_messages_are_cut(capsys, clean_gin, monkeypatch):
     def huge(modes):  # e.g. orbax's tree dump inside a message
         raise main.UserError("x" * 90_000)

@@ -40,5 +40,16 @@ def test_decode_round_trip_and_sizes(vocab):
 
 
 def test_missing_merges_file_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"^CLIP BPE merges file not found: .*nope.txt.gz; point "
+                                                r"get_vocabulary.merges_path"):
         clip_tokenizer.ClipBpeVocabulary(str(tmp_path / "nope.txt.gz"))
+
+
+def test_pickles_as_its_merges_path(vocab):
+    """grain worker processes receive the vocabulary pickled: it comes back equal and working."""
+    import pickle  # pylint: disable=g-import-not-at-top
+    vocab.encode("warm the bpe cache")
+    data = pickle.dumps(vocab)
+    assert len(data) < 1000  # the path, not the tables
+    again = pickle.loads(data)
+    assert again == vocab and again.encode(TEXTS[4]) == vocab.encode(TEXTS[4])

@@ -161,6 +161,16 @@ def _make_fixtures(root: str, cwd: str) -> None:
     Image.open(os.path.join(data, "coco", "val2014", images[1]["filename"])).save(os.path.join(cwd, "img2.png"))
 
 
+def _is_run_file(body: str) -> bool:
+    return bool(re.search(r"^include ", body, re.M) and re.search(r"^WORK_DIR = ", body, re.M))
+
+
+def _run_file_name(body: str) -> str | None:
+    """`my_run.gin` of a run file whose first line is `# my_run.gin`."""
+    first = body.strip().splitlines()[0]
+    return first[2:].strip() if first.startswith("# ") and first.endswith(".gin") else None
+
+
 def _run(command: str, cwd: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -181,13 +191,18 @@ def test_documented_commands_and_gin_run_as_written(tmp_path):
     env["PYTHONHASHSEED"] = "0"
     ran, parsed, skipped = [], 0, []
     done = set()
+    for _, lang, text in code_blocks():
+        body = _paths(text, root)
+        if lang == "gin" and _is_run_file(body) and _run_file_name(body):
+            with open(os.path.join(cwd, _run_file_name(body)), "w", encoding="utf-8") as f:
+                f.write(_tiny(body))
     for name, lang, text in code_blocks():
         if lang == "gin" or (lang == "" and "=" in text and "python" not in text):
             body = _paths(text, root)
-            if re.search(r"^include ", body, re.M) and re.search(r"^WORK_DIR = ", body, re.M):
-                # A whole run file: save it (as the name its first comment gives, if any) and train.
-                first = body.strip().splitlines()[0]
-                fname = first[2:].strip() if first.startswith("# ") and first.endswith(".gin") else "run_file.gin"
+            if _is_run_file(body):
+                # A whole run file: saved (as the name its first comment gives, if any; those are
+                # written up front, as a reader copies them before the commands using them) and run.
+                fname = _run_file_name(body) or "run_file.gin"
                 with open(os.path.join(cwd, fname), "w", encoding="utf-8") as f:
                     f.write(_tiny(body))
                 if fname == "run_file.gin":

@@ -176,10 +176,12 @@ def test_cli_training_on_the_open_clip_config_gives_an_open_clip_model(imported,
     imported export: tasks tokenize with CLIP BPE, the export records it, and its open_clip
     files load in open_clip with our embeddings."""
     from test_cli import run_cli  # pylint: disable=g-import-not-at-top
-    args = ["--gin_file=gin/models/coca_ViT-B-32.gin", "--gin_file=gin/data/builtin.gin",
-            "--gin_file=gin/runs/pretrain.gin", "--mode=prepare,train,export", "--print_json",
+    run_gin = tmp_path / "open_clip_run.gin"
+    run_gin.write_text("include 'models/coca_ViT-B-32.gin'\ninclude 'data/builtin.gin'\n"
+                       "include 'runs/pretrain.gin'\nMAX_PREFIX_LEN = 0  # CoCa: the whole caption is the target\n")
+    args = [f"--gin_file={run_gin}", "--mode=prepare,train,export", "--print_json",
             f"--gin.DATA_DIR='{tmp_path / 'data'}'", f"--gin.WORK_DIR='{tmp_path / 'run'}'",
-            "--gin.NUM_STEPS=2", "--gin.BATCH_SIZE=8", "--gin.MAX_PREFIX_LEN=0",
+            "--gin.NUM_STEPS=2", "--gin.BATCH_SIZE=8",
             "--gin.prepare_builtin.num_train=100", "--gin.prepare_builtin.num_heldout=8",
             "--gin.prepare_builtin.num_text=100", "--gin.register_builtin.text_prefix_prob=0.0",
             "--gin.make_train_iterator.mixture_or_task_name='builtin_image_text'",

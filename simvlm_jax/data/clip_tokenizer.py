@@ -67,6 +67,9 @@ class ClipBpeVocabulary(seqio.Vocabulary):
     def __init__(self, merges_path: str | None = None):
         self._regex = regex.compile(_WORD_PATTERN, regex.IGNORECASE)
         self.merges_path = merges_path or default_merges_path()
+        if not os.path.exists(self.merges_path):
+            raise FileNotFoundError(f"CLIP BPE merges file not found: {self.merges_path}; point "
+                                    f"get_vocabulary.merges_path (or --merges_path) at CLIP's {MERGES_FILE}")
         opener = gzip.open if self.merges_path.endswith(".gz") else open
         with opener(self.merges_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")[1:NUM_MERGES + 1]  # line 0 is a version header
