@@ -21,6 +21,17 @@ from simvlm_jax import gin_files
 GIN_DIR = gin_files.gin_dir()
 
 
+MAX_ERROR_CHARS = 600  # longer messages are cut: a user reads one line, not a dump
+
+
+def one_line(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """The message on one line without gin's 'In call to configurable' addendum, cut to `limit`
+    characters (SIMVLM_DEBUG=1 shows the full text with its traceback)."""
+    text = " ".join(message.split())
+    text = re.sub(r"\s*In call to configurable '[^']*' \(<[^>]*>\)", "", text)
+    return text if len(text) <= limit else text[:limit - 40] + " ... (SIMVLM_DEBUG=1 shows all)"
+
+
 class UserError(Exception):
     """A mistake in the command line or config; printed as one line, exit code 2."""
 

@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import time
 import traceback
@@ -24,11 +23,11 @@ import flax
 import jax
 
 from simvlm_jax import experiment
-from simvlm_jax.cli import UserError, add_gin_args, check_required_macros, load_gin, split_gin_args
+from simvlm_jax.cli import (MAX_ERROR_CHARS, UserError, add_gin_args, check_required_macros, load_gin,  # noqa: F401
+                            one_line, split_gin_args)
 
 MODES = ("prepare", "train", "eval", "export")
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-MAX_ERROR_CHARS = 600  # longer messages are cut: a user reads one line, not a dump
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -37,11 +36,15 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--mode", default="train", help=f"comma-separated subset of {','.join(MODES)}")
     add_gin_args(parser)
     parser.add_argument("--multihost", action="store_true",
-                        help="call jax.distributed.initialize(): auto-detected on TPU VMs and SLURM, "
-                             "or from the three flags below")
+                        help="multi-process start-up (simvlm_jax.distributed): coordinator, process count and "
+                             "id from the three flags below, or found under SLURM, a JobSet or on TPU VMs")
     parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
     parser.add_argument("--num_processes", type=int, default=None)
     parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument("--init_timeout", type=int, default=900,
+                        help="seconds to wait for every process to reach the coordinator (JAX's default: 300)")
+    parser.add_argument("--heartbeat_timeout", type=int, default=100,
+                        help="seconds without a peer's heartbeat after which the run exits non-zero")
     parser.add_argument("--print_json", action="store_true", help="print a JSON summary as the last line")
     args, rest = parser.parse_known_args(argv)
     bindings, unknown = split_gin_args(rest)
@@ -58,14 +61,12 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def init_distributed(coordinator_address: str | None, num_processes: int | None,
-                     process_id: int | None) -> None:
-    """Multi-process start-up; CPU processes talk through gloo (used by the tests)."""
-    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or "force_host_platform" in os.environ.get("XLA_FLAGS", ""):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
-    logging.info("Process %d of %d, %d local / %d global devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
+                     process_id: int | None, init_timeout: int = 900, heartbeat_timeout: int = 100) -> None:
+    """Multi-process start-up: simvlm_jax.distributed finds the peers, refuses settings that would
+    hang and logs who this process is; CPU processes talk through gloo (used by the tests)."""
+    from simvlm_jax import distributed  # pylint: disable=g-import-not-at-top
+    distributed.initialize(coordinator_address, num_processes, process_id, init_timeout_s=init_timeout,
+                           heartbeat_timeout_s=heartbeat_timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for noisy in ("absl", "orbax", "jax._src"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         if args.multihost or args.coordinator_address:
-            init_distributed(args.coordinator_address, args.num_processes, args.process_id)
+            init_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                             args.init_timeout, args.heartbeat_timeout)
         load_gin(args.gin_file, bindings, args.gin_search_path)
         check_required_macros()
         t0 = time.time()
@@ -116,13 +118,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if summary.get(key):
                 print(f"{key}: {summary[key]}")
     return 0
-
-
-def one_line(message: str, limit: int = MAX_ERROR_CHARS) -> str:
-    """The message on one line, cut to `limit` characters (the full text: SIMVLM_DEBUG=1)."""
-    text = " ".join(message.split())
-    text = re.sub(r"\s*In call to configurable '[^']*' \(<[^>]*>\)", "", text)  # gin's addendum
-    return text if len(text) <= limit else text[:limit - 40] + " ... (SIMVLM_DEBUG=1 shows all)"
 
 
 def raised_by_simvlm(e: BaseException) -> bool:

@@ -73,7 +73,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn_data: int = 1,
     per_slice = len(devices) // dcn_data
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError(f"make_mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+        raise ValueError(f"make_mesh: data={data}, fsdp={fsdp}, tensor={tensor}: only one axis may be -1 "
+                         f"(\"the rest\"); e.g. --gin.make_mesh.data=1 --gin.make_mesh.fsdp=-1 --gin.make_mesh.tensor=1")
     if any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"make_mesh: mesh axis sizes must be positive or -1, got {sizes}")
     known = math.prod(s for s in sizes if s != -1)

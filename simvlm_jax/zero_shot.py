@@ -67,7 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simvlm_jax import batching, export
+from simvlm_jax import batching, cli, export
 from simvlm_jax.batching import map_batches
 from simvlm_jax.cli import UserError, add_gin_args, load_gin, split_gin_args
 from simvlm_jax.data import preprocessors, sources
@@ -512,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, bindings = parse_args(list(sys.argv[1:] if argv is None else argv))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli.one_line(str(e))}", file=sys.stderr)
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",

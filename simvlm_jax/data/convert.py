@@ -34,6 +34,7 @@ from typing import Any, Sequence
 from array_record.python import array_record_module
 from tqdm import tqdm
 
+from simvlm_jax import cli
 from simvlm_jax.data import preprocessors as pp
 from simvlm_jax.data import sources
 
@@ -185,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           check_images=a.check_images, max_caption_chars=a.max_caption_chars,
                           progress=not a.no_progress)
     except (FileNotFoundError, ValueError) as e:  # incl. sources.MissingPackageError
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli.one_line(str(e))}", file=sys.stderr)
         return 2
     print(f"wrote {summary['written']} of {summary['input_samples']} samples to {len(summary['outputs'])} "
           f"file(s); skipped {sum(summary['skipped'].values())}: {summary['skipped']}", file=sys.stderr)
