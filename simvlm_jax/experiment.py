@@ -123,6 +123,7 @@ def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None
     """
     summary: dict[str, Any] = {"work_dir": os.path.abspath(work_dir)}
     eval_root = os.path.join(work_dir, "eval")
+    metrics_jsonl = os.path.join(work_dir, "metrics.jsonl")  # the report's loss curve
     export_dir = export_dir or os.path.join(work_dir, "export")
     # Config mistakes fail before any compute (a writer checks what it can represent when created).
     family = registry.model_family()
@@ -145,7 +146,8 @@ def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None
             """Captioning eval hook (train.eval_every); images + captions go to TensorBoard."""
             out_dir = unused_dir(os.path.join(eval_root, eval_name(step, eval_every_max_examples)))
             out = evaluate.evaluate_captioning(family, params, vocab, mesh, out_dir,
-                                               max_examples=eval_every_max_examples, with_constant_baseline=False)
+                                               max_examples=eval_every_max_examples, with_constant_baseline=False,
+                                               step=step, metrics_jsonl=metrics_jsonl)
             return {**out["metrics"], "samples": out["samples"]}
 
         result = train.train(work_dir, mesh=mesh, model=family, eval_fn=eval_during_training)
@@ -166,11 +168,13 @@ def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None
         if eval_from_export:
             step = export.read_export_info(export_dir).get("step", step)
         out_dir = eval_dir or unused_dir(os.path.join(eval_root, eval_name(step, from_export=eval_from_export)))
+        report_info = dict(step=step, metrics_jsonl=metrics_jsonl, run_info={
+            "checkpoint": export_dir if eval_from_export else summary["checkpoint_dir"]})
         if eval_from_export:
             model, export_params, vocab_e = export.load_export(export_dir)
-            out = evaluate.evaluate_captioning(model, export_params, vocab_e, mesh, out_dir)
+            out = evaluate.evaluate_captioning(model, export_params, vocab_e, mesh, out_dir, **report_info)
         else:
-            out = evaluate.evaluate_captioning(family, params, vocab, mesh, out_dir)
+            out = evaluate.evaluate_captioning(family, params, vocab, mesh, out_dir, **report_info)
         metrics = out["metrics"]
         _record_eval(work_dir, out_dir, step, metrics)
         summary.update(dict(metrics.items()))

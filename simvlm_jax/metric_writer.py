@@ -1,10 +1,12 @@
-"""Training metrics to stdout, `<work_dir>/metrics.jsonl` and TensorBoard; process 0 only."""
+"""Training metrics to stdout, `<work_dir>/metrics.jsonl` and TensorBoard; process 0 only.
+Also the progress line (`format_progress`) and the timing behind its ex/s and ETA (`StepTimer`)."""
 from __future__ import annotations
 
 import json
 import os
 import sys
 import time
+from typing import Callable, Mapping
 
 import jax
 
@@ -58,3 +60,100 @@ class MetricWriter:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+
+
+def format_duration(seconds: float) -> str:
+    """'4m05s' under an hour, else '2h07m'."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def steps_per_second(steps: int, elapsed: float, excluded: float = 0.0) -> float | None:
+    """Training steps per second: `steps` steps in `elapsed` s of wall time, of which `excluded`
+    s were spent outside training steps (evals); None when there is nothing to measure."""
+    busy = elapsed - excluded
+    return steps / busy if steps > 0 and busy > 0 else None
+
+
+class StepTimer:
+    """Wall-clock throughput of training steps only.
+
+    The log window (steps since the last `window`) and the ETA leave out time handed to
+    `exclude` (evals inside the loop) and the run's start-up: its first step, which includes
+    compilation, and the first checkpoint save (orbax saves the first step, compiling its
+    slicing). Both are timed from `started()` on; the ETA is None before.
+    `clock` is injectable for tests.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._window_start = clock()
+        self._window_steps = 0
+        self._window_excluded = 0.0
+        self._steady_start: float | None = None
+        self._steady_steps = 0
+        self._steady_excluded = 0.0
+
+    def step(self) -> None:
+        """One training step was dispatched."""
+        self._window_steps += 1
+        if self._steady_start is not None:
+            self._steady_steps += 1
+
+    def started(self) -> None:
+        """Start-up (compilation, first step, first save) is over: timing starts afresh now."""
+        now = self.clock()
+        self._window_start, self._window_steps, self._window_excluded = now, 0, 0.0
+        self._steady_start, self._steady_steps, self._steady_excluded = now, 0, 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """`seconds` of the current window were not training (an eval): leave them out."""
+        self._window_excluded += seconds
+        if self._steady_start is not None:
+            self._steady_excluded += seconds
+
+    def window(self) -> float:
+        """Seconds per training step since the last call (excluded time left out); starts a new window."""
+        now = self.clock()
+        rate = steps_per_second(self._window_steps, now - self._window_start, self._window_excluded)
+        step_time = 1.0 / rate if rate else now - self._window_start
+        self._window_start, self._window_steps, self._window_excluded = now, 0, 0.0
+        return step_time
+
+    def eta(self, remaining_steps: int) -> float | None:
+        """Seconds until `remaining_steps` more steps are done, at the steady rate since
+        `started()` (evals excluded); None until a step after start-up was timed."""
+        if self._steady_start is None:
+            return None
+        rate = steps_per_second(self._steady_steps, self.clock() - self._steady_start, self._steady_excluded)
+        return remaining_steps / rate if rate else None
+
+
+def format_progress(step: int, num_steps: int, metrics: Mapping[str, float], *, examples_per_sec: float | None,
+                    eta: float | None, examples_seen: int, epochs: Mapping[str, float] | None = None,
+                    skipped: Mapping[str, int] | None = None, first_step_sec: float | None = None) -> str:
+    """The one-line training progress report.
+
+    `epochs`: {task: epochs of it read so far} when the dataset size is known (one task: just
+    the number); `skipped`: bad-data skip counts by reason, shown when any is non-zero;
+    `first_step_sec`: on the run's first line, the first step's time (compilation included)
+    replaces ex/s and the ETA, which would be meaningless.
+    """
+    parts = [f"step {step}/{num_steps} loss {metrics['loss']:.4f}"
+             + (f" acc {metrics['token_accuracy']:.3f}" if "token_accuracy" in metrics else "")
+             + f" lr {metrics['learning_rate']:.2e}"]
+    if first_step_sec is not None:
+        parts.append(f"first step {first_step_sec:.1f}s (incl. compilation)")
+    elif examples_per_sec is not None:
+        parts.append(f"{examples_per_sec:,.0f} ex/s" + (f" | MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""))
+    seen = f"{examples_seen:,} examples"
+    if epochs:
+        seen += (f" ({next(iter(epochs.values())):.2f} epochs)" if len(epochs) == 1 else
+                 " (epochs: " + ", ".join(f"{k} {v:.2f}" for k, v in epochs.items()) + ")")
+    parts.append(seen)
+    bad = {k: int(v) for k, v in (skipped or {}).items() if v}
+    if bad:
+        parts.append(f"skipped {sum(bad.values()):,}: " + ", ".join(f"{k} {v:,}" for k, v in sorted(bad.items())))
+    if first_step_sec is None:
+        parts.append(f"ETA {format_duration(eta)}" if eta is not None else "ETA ?")
+    return " | ".join(parts)

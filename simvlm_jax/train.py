@@ -13,7 +13,6 @@ import math
 import os
 import re
 import signal
-import time
 from typing import Any, Callable
 
 import flax
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from simvlm_jax import checkpointing, export, flops, partitioning
-from simvlm_jax.metric_writer import MetricWriter
+from simvlm_jax.metric_writer import MetricWriter, StepTimer, format_progress
 from simvlm_jax.models import layers, registry
 from simvlm_jax.models.family import ModelFamily, count_params
 
@@ -266,9 +265,15 @@ class LossSpikeDetector:
         return spike
 
 
-def _fmt_time(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+def epochs_per_step(pipeline: Any, global_batch_size: int) -> dict[str, float]:
+    """{task: fraction of its split one global batch reads} for the gin-bound training data
+    (`make_train_iterator.mixture_or_task_name`); {} when no task is bound or a size is unknown."""
+    bindings = gin.get_bindings("make_train_iterator")
+    name = bindings.get("mixture_or_task_name")
+    if not isinstance(name, str):
+        return {}
+    sizes = pipeline.epochs_per_run(name, bindings.get("split", "train"), global_batch_size, 1)
+    return {task: epochs for task, (size, epochs) in sizes.items() if size > 0}
 
 
 @gin.configurable
@@ -338,7 +343,8 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
 
     metrics_host: dict[str, float] = {}
     spikes = LossSpikeDetector(loss_spike_factor)
-    t_start, t_window, steps_window = time.time(), time.time(), 0
+    epochs = epochs_per_step(pipeline, global_batch_size)
+    timer = StepTimer()
     step = start
     try:
         for step in range(start, num_steps):
@@ -349,7 +355,7 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
             batch = partitioning.host_batch_to_global(trainer.model_inputs(host_batch), mesh,
                                                       trainer.batch_shardings)
             state, metrics = trainer.step(state, batch)
-            steps_window += 1
+            timer.step()
             done = step + 1
             if profile_steps and done == profile_steps[1]:
                 jax.block_until_ready(state)
@@ -357,24 +363,21 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
                 log.info("Wrote a profiler trace of steps %s to %s/profile", profile_steps, work_dir)
             if done % log_every == 0 or done == num_steps or done == start + 1:
                 metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.time() - t_window
-                step_time = elapsed / max(steps_window, 1)
+                first = done == start + 1  # its time includes compilation
+                step_time = timer.window()
                 ex_per_sec = global_batch_size / step_time
                 metrics_host.update(step_time_sec=step_time, examples_per_sec=ex_per_sec,
                                     tokens_per_sec=ex_per_sec * tokens_per_example)
-                if peak and done != start + 1:
+                if peak and not first:
                     metrics_host["mfu"] = flops_per_example * ex_per_sec / (peak * jax.device_count())
-                metrics_host.update({f"data/skipped_{k}": v for k, v in pipeline.skipped_counts().items()})
+                skipped = pipeline.skipped_counts()
+                metrics_host.update({f"data/skipped_{k}": v for k, v in skipped.items()})
                 metrics_host["loss_spike"] = float(spikes.update(done, metrics_host["loss"]))
                 writer.write_scalars(done, metrics_host)
-                rate = (done - start) / max(time.time() - t_start, 1e-9)
-                eta = (num_steps - done) / max(rate, 1e-9)
-                mfu = f" | MFU {metrics_host['mfu']:.1%}" if "mfu" in metrics_host else ""
-                writer.progress(f"step {done}/{num_steps} loss {metrics_host['loss']:.4f} "
-                                f"acc {metrics_host['token_accuracy']:.3f} "
-                                f"lr {metrics_host['learning_rate']:.2e} | "
-                                f"{ex_per_sec:.0f} ex/s{mfu} | ETA {_fmt_time(eta)}")
-                t_window, steps_window = time.time(), 0
+                writer.progress(format_progress(
+                    done, num_steps, metrics_host, examples_per_sec=ex_per_sec, eta=timer.eta(num_steps - done),
+                    examples_seen=done * global_batch_size, epochs={k: v * done for k, v in epochs.items()},
+                    skipped=skipped, first_step_sec=step_time if first else None))
                 if metrics_host["nonfinite_consecutive"] >= max_consecutive_nonfinite:
                     raise FloatingPointError(
                         f"{int(metrics_host['nonfinite_consecutive'])} consecutive steps with NaN/Inf loss or "
@@ -382,7 +385,10 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
                         f"{manager.directory} is clean. Lower make_optimizer.learning_rate, check the data, "
                         f"or raise train.max_consecutive_nonfinite.")
             checkpointing.save(manager, done, state, data_iter, force=(done == num_steps))
+            if done == start + 1:
+                timer.started()  # after compilation and the first save: ex/s and ETA time steps only
             if eval_fn is not None and eval_every and done % eval_every == 0:
+                t_eval = timer.clock()
                 eval_out = eval_fn(state.params, done)
                 writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_out.items()
                                             if isinstance(v, (int, float))})
@@ -390,6 +396,7 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
                     writer.write_image(f"eval/sample_{i}", done, sample["image"])
                     writer.write_text(f"eval/sample_{i}", done, f"**{sample['prediction']}**  \n"
                                       + "  \n".join(sample["references"]))
+                timer.exclude(timer.clock() - t_eval)  # throughput and ETA count training steps only
             if stop["signal"] is not None:
                 checkpointing.save(manager, done, state, data_iter, force=True)
                 log.warning("Received signal %d: saved checkpoint at step %d, exiting.", stop["signal"], done)

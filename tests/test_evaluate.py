@@ -98,3 +98,39 @@ def test_eval_without_data_or_image_dir_is_a_clear_error(tmp_path, simvlm_model)
         evaluate.evaluate_captioning(model, params, vocab, mesh, str(tmp_path))
     with pytest.raises(ValueError, match="image_dir"):
         evaluate.evaluate_captioning(model, params, vocab, mesh, str(tmp_path), annotations_json="x.json")
+
+
+def test_report_states_what_was_evaluated(tmp_path, simvlm_model):
+    """The report names model, step, data + split, decoding settings, image count and the best
+    constant caption; draws the run's loss curve and the per-image CIDEr histogram; links
+    captions.json. metrics.json carries the same run description."""
+    from test_report import parse_report  # pylint: disable=import-outside-toplevel
+    model, params, vocab = simvlm_model
+    ann, image_dir = karpathy_json(tmp_path)
+    jsonl = tmp_path / "metrics.jsonl"
+    jsonl.write_text("".join(json.dumps({"step": s, "loss": 10.0 / s}) + "\n" for s in (1, 5, 10)))
+    mesh = partitioning.make_mesh(data=8, fsdp=1, tensor=1)
+    out_dir = tmp_path / "eval"
+    out = evaluate.evaluate_captioning(model, params, vocab, mesh, str(out_dir), annotations_json=ann,
+                                       image_dir=image_dir, split="test", batch_size=8, num_beams=2,
+                                       length_penalty=0.6, max_decode_len=6, prompt="a photo of", step=10,
+                                       run_info={"model config": "models/simvlm_tiny.gin"},
+                                       metrics_jsonl=str(jsonl), histogram_bins=4)
+    report = parse_report(out["report"])
+    info = report.info
+    assert info["model"].startswith("simvlm: SimVLM") and info["model"].endswith(" params")
+    assert info["model config"] == "models/simvlm_tiny.gin"
+    assert info["checkpoint step"] == "10"
+    assert info["data"] == f"{ann} (images: {image_dir}), split test"
+    assert info["images"] == "2"
+    assert info["decoding"] == ("beam search: num_beams=2, length_penalty=0.6, max_len=6, min_len=0, "
+                                "repetition_penalty=1, prompt='a photo of'")
+    metrics = out["metrics"]
+    assert info["best constant caption"] == (f"{metrics['best_constant_caption']!r}: CIDEr-D "
+                                             f"{metrics['best_constant_caption_cider']:.1f}")
+    assert report.polyline_counts == [3]
+    assert sum(report.bar_counts) == 2 and len(report.bar_counts) == 4
+    assert "captions.json" in report.hrefs and (out_dir / "captions.json").exists()
+    saved = json.load(open(out_dir / "metrics.json"))
+    assert saved["step"] == 10 and saved["run"]["checkpoint step"] == 10
+    assert saved["run"]["decoding"] == info["decoding"]

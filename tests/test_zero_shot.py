@@ -426,7 +426,7 @@ def test_cli_errors(tmp_path, capsys, clean_gin):
     assert "--annotations" in capsys.readouterr().err
     assert zero_shot.main(["--export_dir", str(tmp_path), "--mode", "classify", "--image_dir", str(tmp_path),
                            "--gin.ZeroShotOptions.no_such_field=1"]) == 2
-    assert "bad gin config" in capsys.readouterr().err
+    assert "bad gin binding --gin.ZeroShotOptions.no_such_field=1" in capsys.readouterr().err
     assert zero_shot.main(["--export_dir", str(tmp_path), "--mode", "classify", "--image_dir", str(tmp_path),
                            "--gin.ZeroShotOptions.pair_text_batch_size=0"]) == 2
     assert "pair_text_batch_size=0 must be >= 1" in capsys.readouterr().err

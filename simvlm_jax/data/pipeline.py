@@ -20,9 +20,10 @@ import hashlib
 import logging
 from typing import Any, Sequence
 
-# The input pipeline must never take accelerator memory: hide GPUs from TF before
-# anything else imports it (seqio, tfds below), so the imports after this block are
-# below code on purpose.
+# The input pipeline must never take accelerator memory. `simvlm_jax.data.tf_env` (run by
+# this package's __init__) already keeps TensorFlow's device factories to the CPU, with no
+# CUDA probe; if a user enabled TF's GPUs anyway, hide them here before seqio/tfds below
+# use TF, so the imports after this block are below code on purpose.
 import tensorflow as tf
 try:
     tf.config.set_visible_devices([], "GPU")
