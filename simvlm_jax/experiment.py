@@ -76,6 +76,7 @@ def eval_name(step: int | None, max_examples: int | None = None, from_export: bo
         name += f"_beam{bindings['num_beams']}"
     name += "_export" if from_export else ""
     name += f"_step{step}" if step is not None else ""
+    max_examples = max_examples or bindings.get("max_examples")  # a subset is named as one
     return name + (f"_first{max_examples}" if max_examples else "")
 
 

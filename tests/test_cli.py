@@ -177,8 +177,8 @@ def test_end_to_end_prepare_train_eval_export(tmp_path):
     assert os.path.exists(work_dir / "metrics.jsonl")
     # Each eval has its own directory, named by data and checkpoint step, and its metrics
     # reach metrics.jsonl at that step.
-    assert summary["eval_dir"] == str(work_dir / "eval" / "heldout_step3")
-    with open(work_dir / "eval" / "heldout_step3" / "captions.json", encoding="utf-8") as f:
+    assert summary["eval_dir"] == str(work_dir / "eval" / "heldout_step3_first16")
+    with open(work_dir / "eval" / "heldout_step3_first16" / "captions.json", encoding="utf-8") as f:
         assert len(json.load(f)) == 16
     with open(work_dir / "metrics.jsonl", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]

@@ -125,6 +125,8 @@ def test_eval_directories_are_named_by_data_step_and_decoding(clean_gin, tmp_pat
     gin.bind_parameter("evaluate_captioning.split", "test")
     gin.bind_parameter("evaluate_captioning.num_beams", 3)
     assert experiment.eval_name(7) == "dataset_coco-test_beam3_step7"
+    gin.bind_parameter("evaluate_captioning.max_examples", 100)
+    assert experiment.eval_name(7) == "dataset_coco-test_beam3_step7_first100"
     first = tmp_path / "x_step1"
     assert experiment.unused_dir(str(first)) == str(first)
     first.mkdir()
