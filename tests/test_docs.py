@@ -43,6 +43,8 @@ RULES: list[tuple[str, str]] = [
     (r"^python -m simvlm_jax\.caption ", "run"),
     (r"^python -m simvlm_jax\.zero_shot ", "run"),
     (r"^python -m simvlm_jax\.model_table", "run"),
+    (r"^python -m simvlm_jax\.launch (tpu-vm|xpk|slurm) .*--dry_run$", "run"),  # prints, runs nothing
+    (r"^python -m simvlm_jax\.launch local ", "run"),  # a real 2-process run on this machine
 ]
 
 # Substitutions (regex -> replacement) applied to commands and run files: tiny stand-ins for
