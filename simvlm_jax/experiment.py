@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from typing import Any, Sequence
 
 import gin
@@ -139,6 +140,8 @@ def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None
     family.check_vocabulary(vocab)
     mesh = partitioning.make_mesh()
     summary["mesh"] = dict(mesh.shape)
+    log.info("process %d of %d (%s): %d local devices, mesh %s", jax.process_index(), jax.process_count(),
+             socket.gethostname(), jax.local_device_count(), dict(mesh.shape))
     params = step = None
     if "train" in modes:
         register_data()
