@@ -21,6 +21,24 @@ from simvlm_jax import gin_files
 GIN_DIR = gin_files.gin_dir()
 
 
+def _never_raises(exists):
+    """gin's Python-package file check crashes (TypeError) when an include's first folder is also
+    a namespace package, e.g. a `runs/` folder in the working directory for `include
+    'runs/pretrain.gin'`; treat that as "not found there" so the search paths are tried."""
+    def checked(path: str) -> bool:
+        try:
+            return exists(path)
+        except TypeError:
+            return False
+    checked.never_raises = True
+    return checked
+
+
+gin_config._FILE_READERS[:] = [  # pylint: disable=protected-access
+    (reader, exists if getattr(exists, "never_raises", False) else _never_raises(exists))
+    for reader, exists in gin_config._FILE_READERS]  # pylint: disable=protected-access
+
+
 MAX_ERROR_CHARS = 600  # longer messages are cut: a user reads one line, not a dump
 
 

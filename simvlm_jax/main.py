@@ -20,9 +20,8 @@ import traceback
 from typing import Any, Sequence
 
 import flax
-import jax
 
-from simvlm_jax import experiment
+from simvlm_jax import distributed, experiment
 from simvlm_jax.cli import (MAX_ERROR_CHARS, UserError, add_gin_args, check_required_macros, load_gin,  # noqa: F401
                             one_line, split_gin_args)
 
@@ -64,7 +63,6 @@ def init_distributed(coordinator_address: str | None, num_processes: int | None,
                      process_id: int | None, init_timeout: int = 900, heartbeat_timeout: int = 100) -> None:
     """Multi-process start-up: simvlm_jax.distributed finds the peers, refuses settings that would
     hang and logs who this process is; CPU processes talk through gloo (used by the tests)."""
-    from simvlm_jax import distributed  # pylint: disable=g-import-not-at-top
     distributed.initialize(coordinator_address, num_processes, process_id, init_timeout_s=init_timeout,
                            heartbeat_timeout_s=heartbeat_timeout)
 

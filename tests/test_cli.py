@@ -102,6 +102,16 @@ def test_prepare_with_your_own_data_names_the_tokenizer_command(capsys, clean_gi
     _assert_one_line_error(code, err, "data/builtin.gin", "python -m simvlm_jax.data.tokenizer")
 
 
+def test_gin_includes_work_with_a_runs_folder_in_the_working_directory(clean_gin, tmp_path, monkeypatch):
+    """The README's fine-tune example writes `runs/ft`; gin then took `runs` for a Python
+    package while resolving `include 'runs/pretrain.gin'` and crashed (TypeError)."""
+    (tmp_path / "runs" / "ft").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from simvlm_jax.cli import load_gin
+    load_gin(["gin/demo.gin"], [])
+
+
 def test_long_error_messages_are_cut(capsys, clean_gin, monkeypatch):
     def huge(modes):  # e.g. orbax's tree dump inside a message
         raise main.UserError("x" * 90_000)

@@ -74,6 +74,9 @@ def test_two_local_processes_match_one(data_dir, tmp_path):
     ref, got = _losses(tmp_path / "one" / "run"), _losses(tmp_path / "two" / "run")
     assert sorted(ref) == sorted(got) == [1, 2, 3, 4]
     np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)], rtol=2e-5)
+    # Every process wrote its data-iterator state into the final checkpoint.
+    data_state = tmp_path / "two" / "run" / "checkpoints" / "4" / "data"
+    assert len([f for f in os.listdir(data_state) if f.startswith("process_")]) == 2
     # One log per process, each naming its index and devices.
     for i in range(2):
         with open(tmp_path / "two" / "logs" / f"process-{i}.log") as f:
