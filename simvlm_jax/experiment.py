@@ -180,7 +180,7 @@ def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None
         else:
             out = evaluate.evaluate_captioning(family, params, vocab, mesh, out_dir, **report_info)
         metrics = out["metrics"]
-        _record_eval(work_dir, out_dir, step, metrics)
+        _record_eval(work_dir, step, metrics)
         summary.update(dict(metrics.items()))
         summary["report"] = out.get("report")
         summary["eval_dir"] = os.path.abspath(out_dir)
@@ -199,18 +199,11 @@ def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None
     return summary
 
 
-def _record_eval(work_dir: str, out_dir: str, step: int | None, metrics: dict[str, Any]) -> None:
-    """Stamps the eval's step into its metrics.json and appends its scalars to the run's
-    metrics.jsonl and TensorBoard at that step (process 0 writes)."""
-    path = os.path.join(out_dir, "metrics.json")
+def _record_eval(work_dir: str, step: int | None, metrics: dict[str, Any]) -> None:
+    """Appends an eval's scalars to the run's metrics.jsonl and TensorBoard at its checkpoint's
+    step (its metrics.json already holds the step: evaluate_captioning writes it)."""
     if step is None or jax.process_index() != 0:
         return
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-        info["step"] = int(step)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=1)
     writer = metric_writer.MetricWriter(work_dir)
     scalars = {f"eval/{k}": float(v) for k, v in metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -22,8 +22,7 @@ from typing import Any, Sequence
 import flax
 
 from simvlm_jax import distributed, experiment
-from simvlm_jax.cli import (MAX_ERROR_CHARS, UserError, add_gin_args, check_required_macros, load_gin,  # noqa: F401
-                            one_line, split_gin_args)
+from simvlm_jax.cli import UserError, add_gin_args, check_required_macros, load_gin, one_line, split_gin_args
 
 MODES = ("prepare", "train", "eval", "export")
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

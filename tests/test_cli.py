@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import PYTHON, REPO_ROOT
-from simvlm_jax import main, partitioning
+from simvlm_jax import cli, main, partitioning
 
 
 def run_cli(*args, timeout=300):
@@ -118,7 +118,7 @@ def test_long_error_messages_are_cut(capsys, clean_gin, monkeypatch):
     monkeypatch.setattr(main.experiment, "run", huge)
     code, err = run_main(capsys, "--gin_file=gin/demo.gin", "--mode=train")
     _assert_one_line_error(code, err, "SIMVLM_DEBUG=1")
-    assert len(err.strip().splitlines()[-1]) <= main.MAX_ERROR_CHARS + len("error: ")
+    assert len(err.strip().splitlines()[-1]) <= cli.MAX_ERROR_CHARS + len("error: ")
 
 
 def test_mesh_mismatch_suggests_a_complete_override():
