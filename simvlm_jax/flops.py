@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 PEAK_FLOPS = (
     ("h200", 989e12), ("h100", 989e12), ("gh200", 989e12), ("a100", 312e12), ("l4", 121e12),
     ("b200", 2250e12), ("tpu v6", 918e12), ("tpu v5p", 459e12), ("tpu v5 lite", 197e12),
-    ("tpu v5e", 197e12), ("tpu v4", 275e12), ("tpu v3", 123e12),
+    ("tpu v5e", 197e12), ("tpu v5", 459e12),  # a v5p reports "TPU v5"
+    ("tpu v4", 275e12), ("tpu v3", 123e12),
 )
 
 

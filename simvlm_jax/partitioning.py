@@ -238,3 +238,19 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     # optax MaskedNodes (frozen params' absent state) have no leaves and pass through.
     return jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def shard_bytes(tree: Any) -> tuple[int, int]:
+    """(bytes on the most loaded device, total bytes) of abstract arrays with shardings."""
+    per_device: dict[Any, int] = {}
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        itemsize = np.dtype(leaf.dtype).itemsize
+        total += int(np.prod(leaf.shape)) * itemsize
+        for device, index in leaf.sharding.devices_indices_map(leaf.shape).items():
+            n = 1
+            for sl, dim in zip(index, leaf.shape):
+                start, stop, _ = sl.indices(dim)
+                n *= stop - start
+            per_device[device] = per_device.get(device, 0) + n * itemsize
+    return max(per_device.values(), default=0), total

@@ -95,3 +95,16 @@ def register_builtin(ds: Dataset, image_size: int = DATA_IMAGE_SIZE, max_prefix_
     from simvlm_jax.data import tasks
     return tasks.register_builtin(ds.data_dir, image_size=image_size, max_prefix_len=max_prefix_len,
                                   max_target_len=max_target_len, vocabulary=ds.vocab(), **kwargs)
+
+
+# The longest test files (minutes on 2 cores), started first: `tests/run.sh` gives each file to one
+# of two workers (--dist loadfile) in collection order, so a long file collected last would run
+# alone at the end. Longest first keeps both workers busy to the end.
+LONGEST_FIRST = ("test_scaleout.py", "test_docs.py", "test_coca_train.py", "test_launch_local.py",
+                 "test_open_clip_e2e.py", "test_flops.py", "test_sharding_equivalence.py",
+                 "test_train.py", "test_coca_cli.py")
+
+
+def pytest_collection_modifyitems(session, config, items):  # pylint: disable=unused-argument
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))  # stable sort

@@ -15,8 +15,9 @@ fi
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 export PYTHONHASHSEED=0
 # Two pytest workers (one per core here; PYTEST_WORKERS=0 runs in this process), each test
-# file on one worker so its module fixtures (generated data, compiled models) are built once.
+# file on one worker so its module fixtures (generated data, compiled models) are built once,
+# files handed out in collection order (longest first: tests/conftest.py LONGEST_FIRST).
 WORKERS="${PYTEST_WORKERS:-2}"
 XDIST=()
-[[ "$WORKERS" != 0 ]] && XDIST=(-n "$WORKERS" --dist loadfile)
+[[ "$WORKERS" != 0 ]] && XDIST=(-n "$WORKERS" --dist loadfile --no-loadscope-reorder)
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "${XDIST[@]}" tests "$@"

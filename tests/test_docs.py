@@ -40,6 +40,7 @@ RULES: list[tuple[str, str]] = [
     (r"^python -m simvlm_jax\.data\.tokenizer ", "run"),
     (r"^python -m simvlm_jax\.data\.convert ", "run"),
     (r"^python -m simvlm_jax\.benchmark (memory|step|data|decode) ", "run"),
+    (r"^python -m simvlm_jax\.benchmark aot ", "skip: tests/test_aot.py runs it (tiny model, 8 chips) and checks its output"),
     (r"^python -m simvlm_jax\.caption ", "run"),
     (r"^python -m simvlm_jax\.zero_shot ", "run"),
     (r"^python -m simvlm_jax\.model_table", "run"),
