@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import dataclasses  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 
 import gin  # noqa: E402
 import pytest  # noqa: E402
@@ -37,6 +38,19 @@ TINY = {
                  decoder_mlp_dim=64, embed_dim=16, n_queries=4, max_text_len=8),
 }
 
+def compile_cache_env() -> dict[str, str]:
+    """Environment for CLI subprocesses to share JAX's persistent compilation cache: many run the
+    same tiny model (the docs commands, a run and its resume), and a cache hit halves a 2-step
+    run. tests/run.sh makes one fresh directory per test run (SIMVLM_TEST_COMPILE_CACHE); tests
+    that check what the compiler says (tests/test_startup.py) must not use it."""
+    global _CACHE_DIR
+    if _CACHE_DIR is None:
+        _CACHE_DIR = os.environ.get("SIMVLM_TEST_COMPILE_CACHE") or tempfile.mkdtemp(prefix="simvlm_jax_cache")
+    return {"JAX_COMPILATION_CACHE_DIR": _CACHE_DIR, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+_CACHE_DIR = None
 DATA = dict(num_train=200, num_heldout=40, num_text=300, samples_per_shard=100)
 DATA_IMAGE_SIZE = 32
 

@@ -20,4 +20,9 @@ export PYTHONHASHSEED=0
 WORKERS="${PYTEST_WORKERS:-2}"
 XDIST=()
 [[ "$WORKERS" != 0 ]] && XDIST=(-n "$WORKERS" --dist loadfile --no-loadscope-reorder)
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "${XDIST[@]}" tests "$@"
+# One persistent JAX compilation cache per test run, shared by the CLI subprocesses that opt in
+# (tests/conftest.py compile_cache_env), removed at the end.
+SIMVLM_TEST_COMPILE_CACHE="$(mktemp -d "${TMPDIR:-/tmp}/simvlm_jax_cache.XXXXXX")"
+export SIMVLM_TEST_COMPILE_CACHE
+trap 'rm -rf "$SIMVLM_TEST_COMPILE_CACHE"' EXIT
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "${XDIST[@]}" tests "$@"

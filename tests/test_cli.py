@@ -11,13 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import PYTHON, REPO_ROOT
+from conftest import PYTHON, REPO_ROOT, compile_cache_env
 from simvlm_jax import cli, main, partitioning
 
 
 def run_cli(*args, timeout=300):
     """`python -m simvlm_jax.main ARGS` as a subprocess (end-to-end tests)."""
-    env = dict(os.environ)  # conftest already put the 8-device XLA_FLAGS here
+    env = dict(os.environ, **compile_cache_env())  # conftest already put the 8-device XLA_FLAGS here
     env.setdefault("PYTHONHASHSEED", "0")
     return subprocess.run([PYTHON, "-m", "simvlm_jax.main", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, compile_cache_env
 
 DOC_FILES = ["README.md", *sorted(os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(REPO_ROOT, "docs", "*.md")))]
 
@@ -193,6 +193,7 @@ def test_documented_commands_and_gin_run_as_written(tmp_path):
     env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
     env["PYTHONHASHSEED"] = "0"
+    env.update(compile_cache_env())
     ran, parsed, skipped = [], 0, []
     done = set()
     for _, lang, text in code_blocks():

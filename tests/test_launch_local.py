@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, compile_cache_env
 
 TRAIN = ["--gin_file=gin/demo.gin", "--gin.BATCH_SIZE=16", "--gin.train.log_every=1",
          "--gin.make_manager.save_every=1000", "--gin.SimVLMConfig.width=64", "--gin.SimVLMConfig.mlp_dim=128",
@@ -25,6 +25,7 @@ TRAIN = ["--gin_file=gin/demo.gin", "--gin.BATCH_SIZE=16", "--gin.train.log_ever
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONHASHSEED"] = "0"
+    env.update(compile_cache_env())
     return env
 
 

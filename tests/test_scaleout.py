@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import compile_cache_env, tiny_config
 from simvlm_jax import partitioning, train
 from simvlm_jax.models.simvlm import SimVLMConfig, dummy_batch
 
@@ -44,6 +44,7 @@ def _env(devices: int) -> dict[str, str]:
     # Unoptimized LLVM codegen, as conftest sets for in-process tests: 2-3x faster compiles.
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
     env["JAX_PLATFORMS"] = "cpu"
+    env.update(compile_cache_env())
     return env
 
 

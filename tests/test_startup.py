@@ -15,6 +15,7 @@ import pytest
 
 from conftest import PYTHON, REPO_ROOT
 from simvlm_jax import partitioning
+from simvlm_jax.data import tf_env
 from simvlm_jax.models import layers
 
 
@@ -60,6 +61,14 @@ def test_tensorflow_never_probes_cuda():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "3"
     assert "cuInit" not in proc.stderr
+    # Library-loading notices printed before any log level applies are filtered out.
+    assert "Could not find cuda drivers" not in proc.stderr and "cpu_feature_guard" not in proc.stderr, proc.stderr
+
+
+def test_native_stderr_filter_keeps_other_lines(capfd):
+    with tf_env.native_stderr_without(("noise",)):
+        os.write(2, b"some noise here\nkeep me\nmore noise\n")
+    assert capfd.readouterr().err == "keep me\n"
 
 
 @pytest.mark.slow
