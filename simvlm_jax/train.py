@@ -59,7 +59,7 @@ def make_optimizer(total_steps: int, name: str = "adamw", learning_rate: float =
     decoupled weight decay on kernels only, `moment_dtype='bfloat16'` for a smaller
     optimizer state, and `frozen`: regexes of param paths ('encoder/.*') that get no
     updates and no optimizer state."""
-    if not 0 <= learning_rate <= np.finfo(np.float32).max:
+    if not 0 <= float(learning_rate) <= float(np.finfo(np.float32).max):
         raise ValueError(f"make_optimizer.learning_rate={learning_rate} must be >= 0 and finite in float32")
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     decay_steps = max(total_steps - warmup_steps, 1)
