@@ -108,20 +108,27 @@ class AotResult:
                 f"{'fits' if self.fits else 'DOES NOT FIT'}; {est}")
 
 
-def compile_train_step(family: Any, devices: Sequence[Any], topology: str, batch_size: int,
-                       microbatches: int = 1) -> AotResult:
-    """Compiles `family`'s sharded train step (gin's mesh and optimizer) for `devices`."""
-
-    chip, hbm, peak = chip_info(devices[0])
-    mesh = partitioning.make_mesh(devices=devices)
+def compile_abstract_step(family: Any, mesh: jax.sharding.Mesh, batch_size: int,
+                          microbatches: int = 1) -> tuple[train.Trainer, Any]:
+    """(trainer, compiled train step) for `mesh` from abstract state and batch: nothing is
+    allocated or run, so any mesh (simulated devices, a TPU topology) works."""
     trainer = train.Trainer(family, mesh, train.make_optimizer(1000), microbatches=microbatches,
                             rules=partitioning.axis_rules())
     abstract_batch = {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype,
                                               sharding=trainer.batch_shardings[k])
                       for k, v in family.dummy_batch().items()}
-    t0 = time.perf_counter()
     with trainer.activate():
         compiled = trainer._step.lower(trainer.abstract_state, abstract_batch).compile()  # pylint: disable=protected-access
+    return trainer, compiled
+
+
+def compile_train_step(family: Any, devices: Sequence[Any], topology: str, batch_size: int,
+                       microbatches: int = 1) -> AotResult:
+    """Compiles `family`'s sharded train step (gin's mesh and optimizer) for `devices`."""
+    chip, hbm, peak = chip_info(devices[0])
+    mesh = partitioning.make_mesh(devices=devices)
+    t0 = time.perf_counter()
+    trainer, compiled = compile_abstract_step(family, mesh, batch_size, microbatches)
     compile_sec = time.perf_counter() - t0
     stats = compiled.memory_analysis()
     cost = compiled.cost_analysis()

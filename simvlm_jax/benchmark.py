@@ -68,12 +68,7 @@ def memory(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
     fam = _family(args.model)
     mesh = partitioning.make_mesh()
     batch_size = args.batch_size or gin.query_parameter("train.global_batch_size")
-    trainer = train.Trainer(fam, mesh, train.make_optimizer(1000), microbatches=_microbatches(),
-                            rules=partitioning.axis_rules())
-    abstract_batch = {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype, sharding=trainer.batch_shardings[k])
-                      for k, v in fam.dummy_batch().items()}
-    with trainer.activate():
-        compiled = trainer._step.lower(trainer.abstract_state, abstract_batch).compile()  # pylint: disable=protected-access
+    trainer, compiled = aot.compile_abstract_step(fam, mesh, batch_size, _microbatches())
     stats = compiled.memory_analysis()
     params_dev, params_total = partitioning.shard_bytes(trainer.abstract_state.params)
     opt_dev, opt_total = partitioning.shard_bytes(trainer.abstract_state.opt_state)
