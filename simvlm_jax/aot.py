@@ -48,6 +48,9 @@ def topology_devices(topology: str) -> list[Any]:
     if not _TOPOLOGY_RE.match(topology):
         raise UserError(f"--topology={topology!r}: use <chip>:<AxB[xC]> with chip v5p, v6e or v5e, "
                         f"e.g. v5p:4x4x4 (64 chips) or v6e:8x8")
+    if not libtpu_installed():
+        raise UserError("benchmark aot compiles with XLA's TPU compiler from the PyPI libtpu package, which "
+                        "is not installed; pip install -e '.[aot]' (Linux x86_64)")
     # libtpu initializes as if on a TPU VM: without these it probes the (absent) metadata server and
     # prints screens of warnings. They only affect this compile-only process (JAX_PLATFORMS=cpu).
     # ALLOW_MULTIPLE_LIBTPU_LOAD: several compiles may run at once; the lock file is for real chips.
@@ -55,9 +58,6 @@ def topology_devices(topology: str) -> list[Any]:
                        ("TPU_ACCELERATOR_TYPE", "v5p-8"), ("TPU_WORKER_HOSTNAMES", "localhost"),
                        ("TPU_WORKER_ID", "0"), ("TPU_HOST_BOUNDS", "1,1,1"), ("TPU_MIN_LOG_LEVEL", "3")):
         os.environ.setdefault(key, value)
-    if not libtpu_installed():
-        raise UserError("benchmark aot compiles with XLA's TPU compiler from the PyPI libtpu package, which "
-                        "is not installed; pip install -e '.[aot]' (Linux x86_64)")
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
     except Exception as e:  # pylint: disable=broad-except
@@ -125,7 +125,7 @@ def compile_abstract_step(family: Any, mesh: jax.sharding.Mesh, batch_size: int,
 def compile_train_step(family: Any, devices: Sequence[Any], topology: str, batch_size: int,
                        microbatches: int = 1) -> AotResult:
     """Compiles `family`'s sharded train step (gin's mesh and optimizer) for `devices`."""
-    chip, hbm, peak = chip_info(devices[0])
+    chip, hbm, peak_flops = chip_info(devices[0])
     mesh = partitioning.make_mesh(devices=devices)
     t0 = time.perf_counter()
     trainer, compiled = compile_abstract_step(family, mesh, batch_size, microbatches)
@@ -146,5 +146,5 @@ def compile_train_step(family: Any, devices: Sequence[Any], topology: str, batch
         num_params=count_params(trainer.abstract_state.params), params_bytes=params_dev, opt_state_bytes=opt_dev,
         temp_bytes=temp, peak_bytes=peak_bytes, hbm_bytes=hbm, fits=peak_bytes <= hbm,
         estimated_step_sec=est or None, train_flops_per_step=step_flops,
-        estimated_mfu=step_flops / (est * peak * len(devices)) if est > 0 else None,
+        estimated_mfu=step_flops / (est * peak_flops * len(devices)) if est > 0 else None,
         compile_sec=round(compile_sec, 1))
