@@ -8,11 +8,13 @@ big batch, and a per-batch mean objective uses weight = 1.
 """
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
+
+from simvlm_jax.models import layers
 
 Array = jax.Array
 
@@ -21,6 +23,9 @@ class Objective(NamedTuple):
     value: Array              # differentiated; summed over microbatches
     weight: Array             # summed over microbatches; gradients and sums are divided by it
     sums: dict[str, Array]    # metric sums ('loss' required; 'num_target_tokens' is logged as a sum)
+    # Per-example arrays (batch on axis 0) for `ModelFamily.update_aux_state`, e.g. momentum
+    # features to enqueue; concatenated over microbatches in batch order. None: nothing.
+    aux_outputs: Any = None
 
 
 def token_nll_stats(logits: Array, targets: Array, pad_id: int = 0) -> tuple[Array, Array, Array]:
@@ -102,3 +107,85 @@ def contrastive_caption_objective(outputs: Mapping[str, Array], targets: Array, 
     return Objective(loss, jnp.ones(()), {
         "loss": loss, "contrastive_loss": con, "caption_loss": cap, "token_accuracy": correct / denom,
         "num_target_tokens": n, "logit_scale": jnp.asarray(outputs["logit_scale"], jnp.float32)})
+
+
+# ----------------------------------------------------------------------------- mPLUG / ALBEF
+
+ROWS = ("activation_batch", None)
+
+
+def _rows(x: Array) -> Array:
+    """Constrains a [B, ...] matrix to rows over the batch shards (no-op without a mesh):
+    similarity matrices then cost [B/n, B + Q] per device, never [B, B + Q]."""
+    return layers.constrain(x, ROWS + (None,) * (x.ndim - 2))
+
+
+def itc_momentum_loss(image_feat: Array, text_feat: Array, image_feat_m: Array, text_feat_m: Array,
+                      image_queue: Array, text_queue: Array, temp: Array, alpha: float
+                      ) -> tuple[Array, Array, Array]:
+    """ALBEF/mPLUG image-text contrastive loss with momentum features, queues and momentum
+    distillation. Features are L2-normalized [B, E]; queues [Q, E] hold past momentum
+    features (extra negatives).
+
+    Online image i is scored against the momentum texts [text_feat_m; text_queue] (and
+    text i against the momentum images); the target of row i is
+    alpha * softmax(momentum row i) + (1 - alpha) * one_hot(i). Returns (loss = mean of
+    i2t and t2i cross-entropies over the global batch, sim_i2t [B, B], sim_t2i [B, B]),
+    the last two the in-batch similarities / temp, without gradient (for ITM sampling).
+    """
+    temp = jnp.asarray(temp, jnp.float32)
+    b = image_feat.shape[0]
+    text_all = jax.lax.stop_gradient(jnp.concatenate([text_feat_m, text_queue.astype(jnp.float32)], 0))
+    image_all = jax.lax.stop_gradient(jnp.concatenate([image_feat_m, image_queue.astype(jnp.float32)], 0))
+    one_hot = jax.nn.one_hot(jnp.arange(b), text_all.shape[0], dtype=jnp.float32)
+    losses_ = []
+    sims = []
+    for q, q_m, keys in ((image_feat, image_feat_m, text_all), (text_feat, text_feat_m, image_all)):
+        sim = _rows(jnp.einsum("be,ne->bn", q.astype(jnp.float32), keys) / temp)
+        sim_m = _rows(jnp.einsum("be,ne->bn", jax.lax.stop_gradient(q_m), keys) / jax.lax.stop_gradient(temp))
+        target = alpha * jax.nn.softmax(sim_m, -1) + (1.0 - alpha) * one_hot
+        losses_.append(-jnp.mean(jnp.sum(jax.nn.log_softmax(sim, -1) * target, -1)))
+        sims.append(jax.lax.stop_gradient(sim[:, :b]))
+    return (losses_[0] + losses_[1]) / 2, sims[0], sims[1]
+
+
+def row_hash(tokens: Array) -> Array:
+    """[B, T] int token rows -> [B, 2] uint32 hashes (two polynomial hashes mod 2^32):
+    equal rows hash equal; distinct rows collide with probability ~2^-64."""
+    t = tokens.astype(jnp.uint32)
+    k = jnp.arange(t.shape[1], dtype=jnp.uint32)
+    def poly(base, seed):
+        powers = jnp.cumprod(jnp.full(t.shape[1:], base, jnp.uint32)) * jnp.uint32(seed)
+        return jnp.sum((t + jnp.uint32(1)) * (powers ^ k), axis=1, dtype=jnp.uint32)
+    return jnp.stack([poly(1_000_003, 2_654_435_761), poly(16_777_619, 40_503)], -1)
+
+
+def sample_hard_negatives(sim: Array, exclude: Array, rng: Array) -> tuple[Array, Array]:
+    """For each row i, one column j sampled with probability softmax(sim[i])_j renormalized
+    over the columns not `exclude`d (Gumbel-max). The noise of row i comes from
+    fold_in(rng, i), so the draw depends only on the global row, never on the sharding.
+    Returns (indices [B] int32, valid [B]: row i had a column to sample)."""
+    b = sim.shape[0]
+    rows = jnp.arange(b)
+    gumbel = jax.vmap(lambda r: jax.random.gumbel(jax.random.fold_in(rng, r), (sim.shape[1],)))(rows)
+    scores = _rows(jnp.where(exclude, -jnp.inf, sim.astype(jnp.float32) + _rows(gumbel)))
+    return jnp.argmax(scores, -1).astype(jnp.int32), jnp.any(~exclude, -1)
+
+
+def itm_loss(logits: Array, labels: Array, valid: Array) -> tuple[Array, Array]:
+    """2-way matching cross-entropy, mean over the valid rows; (loss, accuracy)."""
+    valid = valid.astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    nll = -jnp.take_along_axis(logp, labels[:, None], -1)[:, 0]
+    denom = jnp.maximum(valid.sum(), 1.0)
+    acc = ((jnp.argmax(logits, -1) == labels) * valid).sum() / denom
+    return (nll * valid).sum() / denom, acc
+
+
+def mplug_objective(terms: Mapping[str, Array], weights: Mapping[str, float], stats: Mapping[str, Array],
+                    aux_outputs: Any = None) -> Objective:
+    """mPLUG: sum of weights[k] x terms[k] over 'itc', 'itm', 'mlm', 'prefix_lm' (each a
+    per-batch mean). A per-batch mean (weight 1), as CoCa's."""
+    loss = sum(weights[k] * terms[k] for k in ("itc", "itm", "mlm", "prefix_lm"))
+    sums = {"loss": loss, **{f"{k}_loss": v for k, v in terms.items()}, **stats}
+    return Objective(loss, jnp.ones(()), sums, aux_outputs)

@@ -39,6 +39,9 @@ class TrainState:
     # Steps whose loss or gradients were NaN/Inf: the update was skipped.
     nonfinite_total: jax.Array = 0
     nonfinite_consecutive: jax.Array = 0
+    # The family's state besides params and optimizer state (`ModelFamily.init_aux_state`:
+    # e.g. mPLUG's momentum params and feature queues); None for most families.
+    aux_state: Any = None
 
 
 def decay_mask(params: Any) -> Any:
@@ -144,7 +147,8 @@ class Trainer:
             params = self.family.init_params(rng)
             zero = jnp.zeros((), jnp.int32)
             return TrainState(step=zero, params=params, opt_state=self.tx.init(params),
-                              nonfinite_total=zero, nonfinite_consecutive=zero)
+                              nonfinite_total=zero, nonfinite_consecutive=zero,
+                              aux_state=self.family.init_aux_state(params, jax.random.fold_in(rng, 1)))
 
         with self.activate():
             abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
@@ -170,19 +174,21 @@ class Trainer:
         with self.activate():
             return self._init(jax.random.key(self.seed))
 
-    def _objective(self, params, batch, rng) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
-        """(value to differentiate, (weight, metric sums)) of one (micro)batch; see the class doc."""
+    def _objective(self, params, batch, rng, aux_state):
+        """(value to differentiate, (weight, metric sums, aux outputs)) of one (micro)batch;
+        see the class doc."""
         obj = self.family.objective(params, batch, rng, loss_weights=self.loss_weights, mesh=self.mesh,
-                                    batch_axes=self.batch_axes)
-        return obj.value, (obj.weight, obj.sums)
+                                    batch_axes=self.batch_axes, aux_state=aux_state)
+        return obj.value, (obj.weight, obj.sums, obj.aux_outputs)
 
-    def _grads(self, params, batch, rng):
-        """Summed gradients, summed weight and metric sums; microbatched with lax.scan if asked."""
+    def _grads(self, params, batch, rng, aux_state=None):
+        """Summed gradients, summed weight, metric sums and the objective's aux outputs (rows of
+        all microbatches, in batch order); microbatched with lax.scan if asked."""
         grad_fn = jax.value_and_grad(self._objective, has_aux=True)
         k = self.microbatches
         if k == 1:
-            (_, (weight, sums)), grads = grad_fn(params, batch, rng)
-            return grads, weight, sums
+            (_, (weight, sums, aux_out)), grads = grad_fn(params, batch, rng, aux_state)
+            return grads, weight, sums, aux_out
         # Microbatch i takes rows i::k, so every device keeps an equal share of each one.
         def split(x):
             if x.shape[0] % k:
@@ -200,18 +206,20 @@ class Trainer:
         def body(carry, xs):
             acc, w_acc, sums_acc = carry
             i, mb = xs
-            (_, (weight, sums)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+            (_, (weight, sums, aux_out)), g = grad_fn(params, mb, jax.random.fold_in(rng, i), aux_state)
             add = lambda a, b: a + b.astype(a.dtype)
             return (jax.tree_util.tree_map(add, acc, g), w_acc + weight,
-                    jax.tree_util.tree_map(add, sums_acc, sums)), None
+                    jax.tree_util.tree_map(add, sums_acc, sums)), aux_out
 
         zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         first = jax.tree_util.tree_map(lambda x: x[0], micro)
-        _, (_, sums_shape) = jax.eval_shape(self._objective, params, first, rng)
+        _, (_, sums_shape, _) = jax.eval_shape(self._objective, params, first, rng, aux_state)
         zero_sums = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), sums_shape)
         init = (zeros, jnp.zeros(()), zero_sums)
-        (grads, weight, sums), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
-        return grads, weight, sums
+        (grads, weight, sums), aux_out = jax.lax.scan(body, init, (jnp.arange(k), micro))
+        # [k, b/k, ...] -> [b, ...] with row r of microbatch i back at batch row r*k + i.
+        unsplit = lambda x: x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
+        return grads, weight, sums, jax.tree_util.tree_map(unsplit, aux_out)
 
     def _update(self, grads, opt_state, params):
         """(new params, new optimizer state) of one optimizer step."""
@@ -220,7 +228,7 @@ class Trainer:
 
     def _train_step(self, state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.key(self.seed + 1), state.step)
-        grads, weight, sums = self._grads(state.params, batch, rng)
+        grads, weight, sums, aux_out = self._grads(state.params, batch, rng, state.aux_state)
         denom = jnp.maximum(weight, 1e-9)
         # SimVLM: d(mean NLL over all target tokens of the global batch) = d(sum) / count,
         # equal to the big-batch gradient whatever the number of microbatches.
@@ -240,11 +248,15 @@ class Trainer:
         # (clipped) gradients and state, AdamW's and Adafactor's updates are finite unless the
         # learning rate itself overflows, which make_optimizer rejects.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        params, opt_state = jax.lax.cond(finite, lambda: self._update(grads, state.opt_state, state.params),
-                                         lambda: (state.params, state.opt_state))
+        # The family's aux state (EMA params, queues) moves only with the params.
+        def update():
+            params, opt_state = self._update(grads, state.opt_state, state.params)
+            return params, opt_state, self.family.update_aux_state(state.aux_state, params, aux_out)
+        params, opt_state, aux_state = jax.lax.cond(
+            finite, update, lambda: (state.params, state.opt_state, state.aux_state))
         bad = 1 - finite.astype(jnp.int32)
         new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state,
+            step=state.step + 1, params=params, opt_state=opt_state, aux_state=aux_state,
             nonfinite_total=state.nonfinite_total + bad,
             nonfinite_consecutive=(state.nonfinite_consecutive + 1) * bad)
         metrics = {**means, "num_target_tokens": sums["num_target_tokens"], "grad_norm": grad_norm, "learning_rate": self.lr_schedule(state.step),

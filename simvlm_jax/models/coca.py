@@ -571,7 +571,8 @@ class CoCaFamily(family.ModelFamily):
     def dummy_batch(self, batch_size: int = 1) -> dict[str, Array]:
         return dummy_batch(self.config, batch_size)
 
-    def objective(self, params, batch, rng, *, loss_weights, mesh=None, batch_axes=()) -> losses.Objective:
+    def objective(self, params, batch, rng, *, loss_weights, mesh=None, batch_axes=(),
+                  aux_state=None) -> losses.Objective:
         out = self.module.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng})
         return losses.contrastive_caption_objective(out, batch["target_tokens"], weights=loss_weights,
                                                     mesh=mesh, batch_axes=batch_axes,

@@ -76,9 +76,22 @@ class ModelFamily:
 
     def objective(self, params: Any, batch: Mapping[str, Array], rng: Array, *,
                   loss_weights: Mapping[str, float], mesh: Mesh | None = None,
-                  batch_axes: Sequence[str] = ()) -> losses.Objective:
-        """Training objective of one (micro)batch (dropout on, `rng` its key)."""
+                  batch_axes: Sequence[str] = (), aux_state: Any = None) -> losses.Objective:
+        """Training objective of one (micro)batch (dropout on, `rng` its key); `aux_state` is
+        the family's state from `init_aux_state` (read only here)."""
         raise NotImplementedError
+
+    def init_aux_state(self, params: Any, rng: Array) -> Any:
+        """State the objective needs besides params and optimizer state (boxed with logical
+        axis names, from the boxed new params): EMA ("momentum") params, feature queues
+        (`simvlm_jax.momentum`). Checkpointed, sharded and restored with the rest. None: none."""
+        return None
+
+    def update_aux_state(self, aux_state: Any, params: Any, aux_outputs: Any) -> Any:
+        """The aux state after an optimizer step: `params` are the updated params and
+        `aux_outputs` the objective's (all microbatches' rows, in batch order). Not called
+        on steps skipped for NaN/Inf."""
+        return aux_state
 
     def check_batch(self, host_batch: Mapping[str, np.ndarray]) -> None:
         """Raises ValueError if a host batch is wrong for this model in a way shapes can't show."""

@@ -11,13 +11,14 @@ from typing import Any
 import flax.linen as nn
 import gin
 
-from simvlm_jax.models import coca, family, simvlm
+from simvlm_jax.models import coca, family, mplug, simvlm
 
 ModelFamily = family.ModelFamily
 
 FAMILIES: dict[str, type[ModelFamily]] = {f.name: f for f in (
     simvlm.SimVLMFamily,
     coca.CoCaFamily,
+    mplug.MPLUGFamily,
 )}
 
 _BY_CONFIG = {f.config_cls: f for f in FAMILIES.values()}

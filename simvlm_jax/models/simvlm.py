@@ -328,7 +328,8 @@ class SimVLMFamily(family.ModelFamily):
     def dummy_batch(self, batch_size: int = 1) -> dict[str, Array]:
         return dummy_batch(self.config, batch_size)
 
-    def objective(self, params, batch, rng, *, loss_weights, mesh=None, batch_axes=()) -> losses.Objective:
+    def objective(self, params, batch, rng, *, loss_weights, mesh=None, batch_axes=(),
+                  aux_state=None) -> losses.Objective:
         logits = self.module.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng})
         return losses.prefix_lm_objective(logits, batch["target_tokens"], PAD_ID)
 
