@@ -130,7 +130,9 @@ def step(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
     if "prefix_tokens" in host:  # SimVLM: half the prefix slots hold text
         half = host["prefix_tokens"].shape[1] // 2
         host["prefix_tokens"][:, :half] = rng.integers(3, cfg.vocab_size, (batch_size, half))
-    host["target_tokens"][:] = rng.integers(3, cfg.vocab_size, host["target_tokens"].shape)
+    for k in host:  # captions, targets, MLM inputs: random ids (special ids 0-2 excluded)
+        if k.endswith("_tokens") and k != "prefix_tokens":
+            host[k][:] = rng.integers(3, cfg.vocab_size, host[k].shape)
     batch = trainer.model_inputs(partitioning.host_batch_to_global(host, mesh))
     t0 = time.perf_counter()
     with trainer.activate():

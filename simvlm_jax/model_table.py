@@ -32,6 +32,11 @@ REFERENCE_COUNTS: dict[str, tuple[float | None, str]] = {
     "coca_2b": (2.1e9, "CoCa, arXiv 2205.01917 Table 1"),
     "coca_ViT-B-32": (253_560_065, "open_clip coca_ViT-B-32 (open_clip_torch 3.3.0)"),
     "coca_ViT-L-14": (638_450_177, "open_clip coca_ViT-L-14 (open_clip_torch 3.3.0)"),
+    "mplug_tiny": (None, "ours (CPU demo)"),
+    # The paper gives no counts: these are the modules AliceMind's released code builds and
+    # uses (tests/test_mplug_model.py derives them and itemizes our difference).
+    "mplug_base": (345_455_735, "mPLUG-Base, AliceMind mPLUG code (config_bert_stride3.json, ViT-B/16)"),
+    "mplug_large": (565_942_647, "mPLUG-Large, AliceMind mPLUG code (config_bert.json, ViT-L/14)"),
 }
 
 

@@ -24,7 +24,8 @@ B = 4
 # stride 2 = [co, co, connected].
 TINY = dict(vocab_size=64, image_size=32, patch_size=16, vision_width=32, vision_layers=1, vision_heads=2,
             vision_mlp_dim=64, text_width=32, text_heads=2, text_mlp_dim=64, text_layers=1, fusion_layers=3,
-            fusion_stride=2, decoder_layers=1, embed_dim=16, max_text_len=6, max_target_len=5)
+            fusion_stride=2, decoder_layers=1, embed_dim=16, max_text_len=6, max_target_len=5, max_prefix_len=4,
+            mask_id=63)
 TEXT_LENGTHS = [3, 6, 1, 4]    # real tokens per row (row 1 has no padding)
 TARGET_LENGTHS = [5, 2, 4, 1]
 

@@ -42,6 +42,7 @@ class ModelFamily:
     per_shard_objective: ClassVar[bool] = False
     can_generate: ClassVar[bool] = False
     can_embed: ClassVar[bool] = False
+    can_match: ClassVar[bool] = False   # scores image-text pairs (e.g. an ITM head): retrieval re-ranking
 
     def __init__(self, config: Any = None):
         self.config = self.config_cls() if config is None else config
@@ -222,6 +223,17 @@ class ModelFamily:
 
     def embed_texts(self, params: Any, targets: Array) -> Array:
         """L2-normalized text embeddings [B, E] of target rows (can_embed)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ pair matching
+
+    def match_context(self, params: Any, images: Array) -> Any:
+        """What pair scoring needs of each image, computed once (can_match): a pytree with
+        the images on axis 0 (zero-shot re-ranking takes rows of it per candidate pair)."""
+        raise NotImplementedError
+
+    def match_scores(self, params: Any, context: Any, targets: Array) -> Array:
+        """log P(match) [B] of pairs (context row i, target row i) (can_match)."""
         raise NotImplementedError
 
 

@@ -441,6 +441,12 @@ class MPLUG(nn.Module):
         """ITC text features [B, embed_dim] (L2-normalized) of token rows (pad_id-padded)."""
         return _l2_normalize(self.text_proj(self.encode_text(tokens)[:, 0]))
 
+    def match_log_prob(self, image_tokens: Array, tokens: Array) -> Array:
+        """ITM: log P(match) [B] of (image tokens row i, text row i)."""
+        mask = with_cls(tokens != self.config.pad_id)
+        _, fused = self.fuse(image_tokens, self.encode_text(tokens), mask)
+        return jax.nn.log_softmax(self.itm_logits(fused[:, 0]), -1)[:, 1]
+
     def itc_embed(self, images: Array, tokens: Array) -> tuple[Array, Array]:
         """(image features, text features): what the momentum encoders compute."""
         return self.embed_image(images), self.embed_text(tokens)
@@ -499,6 +505,7 @@ class MPLUGFamily(family.ModelFamily):
     loss_weights = {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "prefix_lm": 1.0}  # mPLUG sums them unweighted
     can_generate = True
     can_embed = True
+    can_match = True
 
     def dummy_batch(self, batch_size: int = 1) -> dict[str, Array]:
         return dummy_batch(self.config, batch_size)
@@ -658,6 +665,12 @@ class MPLUGFamily(family.ModelFamily):
 
     def embed_texts(self, params, targets):
         return self.module.apply({"params": params}, targets, method=MPLUG.embed_text)
+
+    def match_context(self, params, images):
+        return self.module.apply({"params": params}, images, method=MPLUG.encode_image)
+
+    def match_scores(self, params, context, targets):
+        return self.module.apply({"params": params}, context, targets, method=MPLUG.match_log_prob)
 
 
 # ----------------------------------------------------------------------------- FLOPs
