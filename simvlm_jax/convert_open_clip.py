@@ -216,6 +216,20 @@ def _layers_out(tree: dict, name: str, n: int, scan: bool) -> list[dict]:
 
 # ----------------------------------------------------------------------------- conversion
 
+def vision_from_open_clip(state_dict: Mapping[str, Any], cfg: coca.CoCaConfig, prefix: str = "visual.") -> dict:
+    """The ViT of an open_clip (CLIP or CoCa) state dict -> our `coca.VisionEncoder` params
+    (patch conv, class token, positions, ln_pre, blocks; not ln_post / the projection).
+    mPLUG's image tower is this encoder (`mplug.import_open_clip_vision`)."""
+    sd = state_dict
+    conv = _np(sd[f"{prefix}conv1.weight"])  # [W, 3, p, p]
+    return {"conv1": {"kernel": conv.transpose(2, 3, 1, 0)},
+            "class_embedding": _np(sd[f"{prefix}class_embedding"]),
+            "positional_embedding": _np(sd[f"{prefix}positional_embedding"]),
+            "ln_pre": _ln_in(sd, f"{prefix}ln_pre"),
+            **_layers_in([_block_in(sd, f"{prefix}transformer.resblocks.{i}", cfg.encoder_heads)
+                          for i in range(cfg.encoder_layers)], "transformer", cfg.scan_layers)}
+
+
 def from_open_clip(state_dict: Mapping[str, Any], cfg: coca.CoCaConfig) -> dict:
     """open_clip CoCa state_dict (torch tensors or arrays) -> our params (numpy, unboxed)."""
     if not cfg.open_clip_compatible:
@@ -223,14 +237,8 @@ def from_open_clip(state_dict: Mapping[str, Any], cfg: coca.CoCaConfig) -> dict:
     sd = dict(state_dict)
     if "logit_bias" in sd:
         raise ValueError("open_clip CoCa checkpoints with a logit_bias are not supported")
-    vh, dh, ph = cfg.encoder_heads, cfg.decoder_heads, cfg.num_pooler_heads
-    conv = _np(sd["visual.conv1.weight"])  # [W, 3, p, p]
-    visual = {"conv1": {"kernel": conv.transpose(2, 3, 1, 0)},
-              "class_embedding": _np(sd["visual.class_embedding"]),
-              "positional_embedding": _np(sd["visual.positional_embedding"]),
-              "ln_pre": _ln_in(sd, "visual.ln_pre"),
-              **_layers_in([_block_in(sd, f"visual.transformer.resblocks.{i}", vh)
-                            for i in range(cfg.encoder_layers)], "transformer", cfg.scan_layers)}
+    dh, ph = cfg.decoder_heads, cfg.num_pooler_heads
+    visual = vision_from_open_clip(sd, cfg)
     pooler = {"attn_pool": {"query": _np(sd["visual.attn_pool.query"]),
                             "ln_q": _ln_in(sd, "visual.attn_pool.ln_q"),
                             "ln_k": _ln_in(sd, "visual.attn_pool.ln_k"),

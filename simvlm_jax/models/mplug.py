@@ -673,6 +673,31 @@ class MPLUGFamily(family.ModelFamily):
         return self.module.apply({"params": params}, context, targets, method=MPLUG.match_log_prob)
 
 
+# ----------------------------------------------------------------------------- CLIP weights
+
+def import_open_clip_vision(params: Any, state_dict: Any, cfg: MPLUGConfig) -> dict:
+    """`params` (unboxed) with the image tower replaced by an open_clip CLIP (or CoCa) ViT:
+    'visual/vit' from its blocks and 'visual/ln_post' from its ln_post (the CLIP
+    projection is not used, as the reference's skip_last_layer). The config's vision
+    fields must match the checkpoint's (patch, width, layers, heads, MLP)."""
+    from simvlm_jax import convert_open_clip  # pylint: disable=g-import-not-at-top  (it imports export -> registry -> here)
+    fields = "image_size/patch_size/vision_width/vision_layers/vision_heads/vision_mlp_dim"
+    try:
+        vit = convert_open_clip.vision_from_open_clip(state_dict, vision_config(cfg))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"the open_clip vision tower does not fit MPLUGConfig's vision fields ({fields}): "
+                         f"{type(e).__name__}: {e}") from e
+    ln_post = {"scale": np.asarray(state_dict["visual.ln_post.weight"]),
+               "bias": np.asarray(state_dict["visual.ln_post.bias"])}
+    visual = {**params["visual"], "vit": vit, "ln_post": ln_post}
+    want = jax.tree_util.tree_map(np.shape, params["visual"])
+    got = jax.tree_util.tree_map(np.shape, visual)
+    if want != got:
+        raise ValueError(f"the open_clip vision tower does not fit MPLUGConfig's vision fields ({fields}): "
+                         f"ours {want}, checkpoint {got}")
+    return {**params, "visual": visual}
+
+
 # ----------------------------------------------------------------------------- FLOPs
 
 def _fusion_flops(cfg: MPLUGConfig, text_tokens: int, count_masked: bool = False) -> float:
