@@ -1,6 +1,6 @@
 """Per-example preprocessors (grain transforms) for PrefixLM pretraining.
 
-image-text: DecodeImage -> CleanCaption -> Tokenize -> PrefixLMSplit
+image-text: DecodeImage -> CleanCaption -> Tokenize [-> MaskedText] -> PrefixLMSplit
 text-only:  LineToText -> CleanCaption -> Tokenize -> PrefixLMSplit(text_only) -> AddBlankImage
 
 A transform that meets bad data returns None (grain drops it) and counts the
@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from simvlm_jax.data import sources
+from simvlm_jax.special_tokens import EOS_ID, PAD_ID
 
 try:  # fast JPEG decoding (libjpeg-turbo); optional: PIL decodes everything otherwise
     import simplejpeg
@@ -453,12 +454,83 @@ class AddBlankImage(grain.transforms.Map):
         return {**ex, "image": np.zeros((self.image_size, self.image_size, 3), np.uint8)}
 
 
+@dataclasses.dataclass
+class MaskedText(grain.transforms.RandomMap):
+    """Adds the text-encoder features of mPLUG / ALBEF (BERT-style masked language modeling).
+
+    Reads `ex['tokens']` (the caption ids ending with EOS, from `Tokenize`) without removing
+    them (`PrefixLMSplit`, after this, pops them) and adds, each int32 [text_len]:
+      * 'text_tokens': the caption ids with EOS, zero-padded (PAD_ID) to `text_len`; a longer
+        caption keeps its first `text_len` ids (then its EOS is cut off).
+      * 'mlm_tokens': 'text_tokens' with each eligible position (a caption id: not padding,
+        not PAD_ID, not one of `special_ids`) selected with probability `mlm_probability`;
+        a selected id becomes `mask_id` with probability 0.8, a random id with 0.1, and
+        stays unchanged with 0.1 (BERT / ALBEF). Random ids are uniform over
+        [0, vocab_size) without `special_ids` and `mask_id` (so a replacement never ends or
+        pads the text early; UNK can be drawn unless listed in `special_ids`) and may equal
+        the original id, as in BERT.
+      * 'mlm_labels': the original id at the selected positions, 0 (PAD_ID) elsewhere, so a
+        pad-ignoring cross-entropy trains exactly the selected positions.
+    A caption where no position was selected gets one eligible position selected at random
+    (every caption trains MLM, as short captions would otherwise often train nothing); with
+    no eligible position at all (only EOS) the labels are all 0.
+
+    `image_text_task` passes special_ids=(PAD_ID, the vocabulary's eos_id).
+    Every draw comes from the example's `rng` (grain keys it by the example's global index),
+    so the same seed gives the same masks, also after resuming a checkpointed iterator.
+    """
+    text_len: int
+    mask_id: int
+    vocab_size: int  # the tokenizer's pieces (random replacements are drawn below it)
+    mlm_probability: float = 0.15
+    special_ids: tuple[int, ...] = (PAD_ID, EOS_ID)
+
+    def __post_init__(self):
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ValueError(f"image_text_task.mlm_probability={self.mlm_probability!r} must be in (0, 1) "
+                             f"(BERT / mPLUG: 0.15)")
+        if self.text_len < 1:
+            raise ValueError(f"image_text_task.text_len={self.text_len!r} must be >= 1 to add the MLM "
+                             f"features (0 turns them off in image_text_task)")
+        if self.mask_id < 0 or self.mask_id in tuple(self.special_ids):
+            raise ValueError(f"image_text_task.mask_id={self.mask_id!r} must be >= 0 and not a special id "
+                             f"{tuple(self.special_ids)} (mPLUG gin files set it to the tokenizer size)")
+        self.special_ids = tuple(int(i) for i in self.special_ids)
+        self._random_ids = np.setdiff1d(np.arange(self.vocab_size, dtype=np.int32),
+                                        np.asarray(self.special_ids + (self.mask_id,), np.int32))
+        if not len(self._random_ids):
+            raise ValueError(f"vocab_size={self.vocab_size!r} leaves no id for random replacements "
+                             f"besides the special ids {self.special_ids} and mask_id={self.mask_id}")
+
+    def random_map(self, ex: dict[str, Any] | None, rng: np.random.Generator):
+        if ex is None:
+            return None
+        tokens = np.asarray(ex["tokens"], np.int32)
+        n = self.text_len
+        text = pad_to(tokens, n)
+        eligible = ((np.arange(n) < len(tokens)) & (text != PAD_ID)
+                    & ~np.isin(text, np.asarray(self.special_ids, np.int32)))
+        selected = eligible & (rng.random(n) < self.mlm_probability)
+        if not selected.any() and eligible.any():
+            selected[rng.choice(np.flatnonzero(eligible))] = True
+        action = rng.random(n)  # < 0.8: mask; [0.8, 0.9): random id; else unchanged
+        masked = selected & (action < 0.8)
+        randomized = selected & (action >= 0.8) & (action < 0.9)
+        mlm = text.copy()
+        mlm[masked] = self.mask_id
+        mlm[randomized] = self._random_ids[rng.integers(0, len(self._random_ids), int(randomized.sum()))]
+        labels = np.where(selected, text, PAD_ID).astype(np.int32)
+        return {**ex, "text_tokens": text, "mlm_tokens": mlm, "mlm_labels": labels}
+
+
 MODEL_FEATURES = ("image", "has_image", "prefix_tokens", "target_tokens")
+MLM_FEATURES = ("text_tokens", "mlm_tokens", "mlm_labels")  # MaskedText's (mPLUG's text encoder / MLM)
 
 
 @dataclasses.dataclass
 class SelectFeatures(grain.transforms.Map):
-    """Keeps only the model's input features (drops keys, raw text)."""
+    """Keeps only the model's input features (drops keys, raw text); tasks that add
+    `MaskedText` keep `MODEL_FEATURES + MLM_FEATURES`."""
     features: tuple[str, ...] = MODEL_FEATURES
 
     def map(self, ex: dict[str, Any] | None) -> dict[str, Any] | None:

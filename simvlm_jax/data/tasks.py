@@ -8,6 +8,7 @@ same functions from gin (see README, "Use your own data").
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Mapping, Sequence
 
@@ -17,6 +18,8 @@ import seqio
 from simvlm_jax.data import preprocessors as pp
 from simvlm_jax.data import sources
 from simvlm_jax.data import tokenizer
+
+log = logging.getLogger("simvlm_jax")
 
 
 def _output_features(vocab) -> dict[str, seqio.Feature]:
@@ -58,7 +61,8 @@ def image_text_task(name: str = gin.REQUIRED, shards: Mapping[str, object] = gin
                     vocabulary: seqio.Vocabulary | None = None, source: str = "tar",
                     source_kwargs: Mapping | None = None,
                     max_image_pixels: int = 50_000_000, crop: str = "center",
-                    crop_scale: tuple[float, float] = (0.5, 1.0)) -> seqio.Task:
+                    crop_scale: tuple[float, float] = (0.5, 1.0), text_len: int = 0,
+                    mask_id: int | None = None, mlm_probability: float = 0.15) -> seqio.Task:
     """Registers an image-text PrefixLM task.
 
     Images: aspect-preserving resize of the shorter side + center crop (`crop='center'`),
@@ -71,16 +75,35 @@ def image_text_task(name: str = gin.REQUIRED, shards: Mapping[str, object] = gin
     annotations json for coco. A split's value may also be a dict of the source's
     arguments. `source_kwargs` are arguments shared by every split (tfds: name,
     data_dir; coco: image_dir; parquet: image_column, caption_column). See docs/data.md.
+
+    `text_len > 0` (mPLUG) also adds the text-encoder / MLM features `pp.MLM_FEATURES`
+    (see `pp.MaskedText`): 'text_tokens' (the caption + EOS, padded or cut to text_len),
+    'mlm_tokens' (the same with `mlm_probability` of the caption ids masked BERT-style)
+    and 'mlm_labels' (the original ids at the masked positions, 0 elsewhere). `mask_id` is
+    then required: the id of the mask token (mPLUG gin files set it to the tokenizer size,
+    an id just past the tokenizer's pieces). The caption is tokenized once (capped at
+    max_prefix_len + max_target_len tokens, as for the PrefixLM split). 0: off.
     """
     vocab = vocabulary or tokenizer.get_vocabulary()
     source_ = _seqio_source(source, shards, source_kwargs, f"image_text_task({name!r}).shards")
+    masking = []
+    features = pp.MODEL_FEATURES
+    if text_len:
+        if mask_id is None:
+            raise ValueError(f"image_text_task.mask_id is required when image_text_task.text_len > 0 "
+                             f"(text_len={text_len}): the mask token's id; mPLUG gin files set it to the "
+                             f"tokenizer size ({vocab.vocab_size} here)")
+        special_ids = tuple(dict.fromkeys((pp.PAD_ID, vocab.eos_id)))  # never masked nor drawn
+        masking = [pp.MaskedText(text_len, mask_id, vocab.vocab_size, mlm_probability, special_ids)]
+        features = pp.MODEL_FEATURES + pp.MLM_FEATURES
     return _add_task(seqio.Task(
         name, source=source_, output_features=_output_features(vocab),
         preprocessors=[_image_decoder(crop, image_size, max_image_pixels, crop_scale),
                        pp.CleanCaption(max_caption_chars, lowercase),
                        pp.Tokenize(vocab, max_prefix_len + max_target_len),
+                       *masking,
                        pp.PrefixLMSplit(max_prefix_len, max_target_len, text_prefix_prob),
-                       pp.SelectFeatures()],
+                       pp.SelectFeatures(features)],
         shuffle_buffer_size=None))
 
 
@@ -114,20 +137,36 @@ def mixture(name: str = gin.REQUIRED, tasks_and_rates: Sequence[tuple] = gin.REQ
     return seqio.MixtureRegistry.add(name, [(t, float(r)) for t, r in tasks_and_rates])
 
 
+# image_text_task arguments that text_task does not take (register_builtin filters them out).
+_IMAGE_TEXT_ONLY_KWARGS = ("text_prefix_prob", "text_len", "mask_id", "mlm_probability")
+
+
 @gin.configurable
 def register_builtin(data_dir: str = gin.REQUIRED, text_only_rate: float = 0.125,
                      **task_kwargs) -> str:
     """Registers the built-in synthetic data: 'builtin_image_text', 'builtin_text' and the
     mixture 'builtin_pretrain' (image-text : text-only = 1 - rate : rate, SimVLM's 4096:512
-    is rate 0.111). Returns the mixture name."""
+    is rate 0.111). Returns the mixture name. `task_kwargs` go to both tasks, except the
+    image-text-only ones (text_prefix_prob and the MLM features' text_len, mask_id,
+    mlm_probability). A task of rate 0 is left out of the mixture. With the MLM features
+    (text_len > 0, mPLUG) the mixture holds the image-text task only, whatever text_only_rate
+    says (logged when it is not 0): text-only examples have neither an image to fuse the text
+    with nor the features, and one batch cannot mix the two."""
     if not os.path.isdir(os.path.join(data_dir, "train")):
         raise FileNotFoundError(f"Built-in data not found in {data_dir}. Run "
                                 f"`python -m simvlm_jax.main --mode=prepare --gin_file=...` first.")
+    if not 0.0 <= text_only_rate <= 1.0:
+        raise ValueError(f"register_builtin.text_only_rate={text_only_rate!r} must be in [0, 1]")
+    if task_kwargs.get("text_len") and text_only_rate:
+        log.warning("register_builtin.text_only_rate=%g ignored: with text_len=%s (the MLM features, "
+                    "mPLUG) the mixture 'builtin_pretrain' holds the image-text task only (text-only "
+                    "examples lack the features)", text_only_rate, task_kwargs["text_len"])
+        text_only_rate = 0.0
     image_text_task(name="builtin_image_text",
                     shards={"train": os.path.join(data_dir, "train", "*.tar"),
                             "validation": os.path.join(data_dir, "heldout", "*.tar")}, **task_kwargs)
-    text_kwargs = {k: v for k, v in task_kwargs.items() if k != "text_prefix_prob"}
+    text_kwargs = {k: v for k, v in task_kwargs.items() if k not in _IMAGE_TEXT_ONLY_KWARGS}
     text_task(name="builtin_text", files={"train": os.path.join(data_dir, "text", "*.txt")}, **text_kwargs)
-    mixture(name="builtin_pretrain", tasks_and_rates=[("builtin_image_text", 1.0 - text_only_rate),
-                                                      ("builtin_text", text_only_rate)])
+    rates = [("builtin_image_text", 1.0 - text_only_rate), ("builtin_text", text_only_rate)]
+    mixture(name="builtin_pretrain", tasks_and_rates=[(t, r) for t, r in rates if r > 0])
     return "builtin_pretrain"
