@@ -20,13 +20,20 @@ import pytest
 
 from conftest import tiny_config
 from simvlm_jax import flops, losses, model_table
-from simvlm_jax.models import coca, simvlm
+from simvlm_jax.models import coca, mplug, simvlm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = 2
 COCA = dict(vocab_size=512, image_size=64, patch_size=16, encoder_width=128, encoder_layers=2, encoder_heads=4,
             encoder_mlp_dim=512, decoder_width=128, unimodal_layers=2, multimodal_layers=2, decoder_heads=4,
             decoder_mlp_dim=512, embed_dim=64, n_queries=8, max_text_len=12)
+# mPLUG: ViT 1 layer, text encoder 1, fusion 3 with stride 2 = [co-attention, co-attention,
+# connected], decoder 1; a queue of 8 momentum features.
+MPLUG = dict(vocab_size=512, image_size=64, patch_size=16, vision_width=128, vision_layers=1, vision_heads=4,
+             vision_mlp_dim=512, text_width=128, text_heads=4, text_mlp_dim=512, text_layers=1, fusion_layers=3,
+             fusion_stride=2, decoder_layers=1, embed_dim=64, max_text_len=12, max_target_len=10,
+             max_prefix_len=6, mask_id=511, queue_size=8)
+VISN_FC = dict(vision_width=64, vision_heads=2, vision_mlp_dim=256)  # vision width != text width: visn_fc
 OPEN_CLIP = dict(open_clip_compatible=True, activation="gelu_exact", embed_dim=128)
 
 _DEF = re.compile(r"%([\w.\-]+) = \w+\[([\d,]*)\]")
@@ -135,6 +142,53 @@ def test_simvlm_train_flops_match_xla():
     analytic = flops.simvlm_train_flops_per_example(cfg, count_masked=True)
     patch_embed = 2 * cfg.num_image_tokens * cfg.patch_size ** 2 * 3 * cfg.width
     assert matmuls == pytest.approx(analytic - patch_embed, rel=1e-4)
+    assert total == pytest.approx(analytic, rel=0.03)
+
+
+def _mplug(overrides: dict):
+    """(config, the objective's loss as fn(params, batch, aux_state, rng), abstract args)."""
+    cfg = mplug.MPLUGConfig(**{**MPLUG, **overrides})
+    fam = mplug.MPLUGFamily(cfg)
+    params = nn.meta.unbox(fam.abstract_params())
+    aux = nn.meta.unbox(jax.eval_shape(lambda p: fam.init_aux_state(p, jax.random.key(0)), params))
+    args = (params, jax.eval_shape(lambda: mplug.dummy_batch(cfg, B)), aux, jax.eval_shape(lambda: jax.random.key(1)))
+    loss = lambda p, b, a, r: fam.objective(p, b, r, loss_weights=fam.loss_weights, aux_state=a).value
+    return cfg, loss, args
+
+
+def _mplug_shared_image_kv(cfg) -> float:
+    """Per example, what XLA's CSE saves in an unscanned mPLUG: the MLM and the PrefixLM fusion
+    run the same co-attention layers on the same image tokens up to the first connected layer,
+    so the image key/value projections of those layers are computed once for both. (Compiled
+    with `compiler_options={'xla_disable_hlo_passes': 'cse'}`, the matmul count equals the
+    analytic one exactly.)"""
+    first_run = min(cfg.fusion_stride, cfg.fusion_layers)
+    return first_run * 2 * flops._dense(cfg.num_image_tokens, cfg.text_width, cfg.text_width)
+
+
+@pytest.mark.parametrize("overrides", [{}, VISN_FC], ids=["connected", "visn_fc"])
+def test_mplug_objective_forward_flops_equal_compiled_matmuls(overrides):
+    """The whole pretraining objective, forward only: the online model (image once, text
+    encoder 3x, fusion on ITM's 3B rows + MLM + PrefixLM, heads, decoder, the [B, B+Q] ITC
+    similarities in both directions) + the momentum encoders and their similarities."""
+    cfg, loss, args = _mplug(overrides)
+    matmuls, total = xla_flops(loss, *args)
+    analytic = (mplug.forward_flops(cfg, batch_size=B, count_masked=True)
+                + mplug.momentum_flops(cfg, batch_size=B))
+    assert matmuls == pytest.approx(analytic - _mplug_shared_image_kv(cfg), rel=1e-9)
+    assert 1.0 <= total / analytic < 1.03, total / analytic
+
+
+def test_mplug_train_flops_match_xla():
+    """Loss + grads. Beyond the forward's shared image K/V: no gradient into the pixels (the
+    patch embedding's input gradient) nor into the ITC keys (momentum features + queue,
+    stop_gradient: the online similarities' backward is 1x, not 2x, their forward)."""
+    cfg, loss, args = _mplug(VISN_FC)
+    matmuls, total = xla_flops(jax.value_and_grad(loss), *args)
+    analytic = mplug.train_flops_per_example(cfg, batch_size=B, count_masked=True)
+    patch_embed = 2 * cfg.num_patches * cfg.patch_size ** 2 * 3 * cfg.vision_width
+    itc_key_grads = 2 * flops._dense(1, cfg.embed_dim, B + cfg.queue_size)
+    assert matmuls == pytest.approx(analytic - patch_embed - _mplug_shared_image_kv(cfg) - itc_key_grads, rel=1e-9)
     assert total == pytest.approx(analytic, rel=0.03)
 
 
