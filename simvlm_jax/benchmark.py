@@ -72,12 +72,14 @@ def memory(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
     stats = compiled.memory_analysis()
     params_dev, params_total = partitioning.shard_bytes(trainer.abstract_state.params)
     opt_dev, opt_total = partitioning.shard_bytes(trainer.abstract_state.opt_state)
+    aux_dev, _ = partitioning.shard_bytes(trainer.abstract_state.aux_state)  # e.g. EMA params, queues
     n = jax.device_count()
     gib = 1024 ** 3
     result = {
         "devices": n, "mesh": dict(mesh.shape), "global_batch_size": batch_size,
         "num_params": count_params(trainer.abstract_state.params),
         "params_bytes_per_device": params_dev, "opt_state_bytes_per_device": opt_dev,
+        "aux_state_bytes_per_device": aux_dev,
         "params_plus_opt_total_bytes": params_total + opt_total,
         "params_plus_opt_ratio_to_ideal": (params_dev + opt_dev) / ((params_total + opt_total) / n),
         "argument_bytes_per_device": getattr(stats, "argument_size_in_bytes", None),
@@ -92,7 +94,7 @@ def memory(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
     print(f"{n} devices, mesh {dict(mesh.shape)}, batch {batch_size}, {result['num_params']:,} params", file=sys.stderr)
     print(f"  per device: params {params_dev / gib:.3f} GiB, optimizer {opt_dev / gib:.3f} GiB "
           f"({result['params_plus_opt_ratio_to_ideal']:.3f} x the ideal total/{n}), "
-          f"temporaries {(result['temp_bytes_per_device'] or 0) / gib:.3f} GiB", file=sys.stderr)
+          + (f"aux state {aux_dev / gib:.3f} GiB, " if aux_dev else "") + f"temporaries {(result['temp_bytes_per_device'] or 0) / gib:.3f} GiB", file=sys.stderr)
     return result
 
 
