@@ -441,3 +441,41 @@ def test_length_sorted_chunks():
     rebuilt = np.concatenate([np.pad(c, ((0, 0), (0, 20 - c.shape[1]))) for c in chunks])[:6]
     np.testing.assert_array_equal(rebuilt, targets[order])
     assert not chunks[1][2:].any()  # the padded rows are empty
+
+
+class _TableMatcher(registry.ModelFamily):
+    """A family that scores pair (image i, text j) as TABLE[i, j]: images carry their index in
+    pixel [0, 0, 0], texts in token 0."""
+    name, export_type, config_cls, module_cls = "table_matcher", "TableMatcher", dict, nn.Module
+    can_match = True
+
+    def __init__(self, table):  # pylint: disable=super-init-not-called
+        self.table = jnp.asarray(table)
+
+    def match_context(self, params, images):
+        return images[:, 0, 0, 0].astype(jnp.int32)
+
+    def match_scores(self, params, context, targets):
+        return self.table[context, targets[:, 0]]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_rerank_top_k_reorders_only_the_first_stage_candidates(k):
+    rng = np.random.default_rng(0)
+    n_img, n_txt = 5, 7
+    sim = rng.normal(size=(n_img, n_txt))
+    table = rng.normal(size=(n_img, n_txt))
+    images = np.zeros((n_img, 2, 2, 3), np.uint8)
+    images[:, 0, 0, 0] = np.arange(n_img)
+    targets = np.zeros((n_txt, 4), np.int32)
+    targets[:, 0] = np.arange(n_txt)
+    i2t, t2i = zero_shot.rerank_top_k(_TableMatcher(table), None, images, targets, sim, k, batch_size=4)
+    for scores, first, pair, n in ((i2t, sim, table, n_txt), (t2i.T, sim.T, table.T, n_img)):
+        for row in range(scores.shape[0]):
+            candidates = np.argsort(-first[row], kind="stable")[:k]
+            rest = [j for j in np.argsort(-first[row], kind="stable") if j not in candidates]
+            # Candidates first, ordered by the pair score; the rest after, in first-stage order.
+            expected = list(candidates[np.argsort(-pair[row, candidates], kind="stable")]) + rest
+            assert list(np.argsort(-scores[row], kind="stable")) == expected
+            np.testing.assert_allclose(scores[row, candidates], pair[row, candidates], rtol=1e-6)
+            assert len(expected) == n
