@@ -216,7 +216,7 @@ def test_gradient_accumulation_equals_big_batch(clean_gin):
         trainer = train.Trainer(cfg, mesh, train.make_optimizer(10), microbatches=k)
         state = trainer.init_state()
         with trainer.activate():
-            grads, n, sums = jax.jit(trainer._grads)(state.params, batch, jax.random.key(0))  # pylint: disable=protected-access
+            grads, n, sums, _ = jax.jit(trainer._grads)(state.params, batch, jax.random.key(0))  # pylint: disable=protected-access
         nll = sums["loss"]  # summed target-token NLL; n = the number of target tokens
         assert float(n) == float(sums["num_target_tokens"]) > 0
         _, metrics = trainer.step(state, batch)
