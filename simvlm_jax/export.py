@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import ml_dtypes
 from jax.experimental import multihost_utils
 import numpy as np
-import safetensors.numpy
 from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
@@ -335,7 +334,8 @@ def load_export(export_dir: str) -> tuple[Any, dict[str, Any], Any]:
     info = read_export_info(export_dir)
     _check_export_dir(export_dir, info)
     config = load_config(export_dir)
-    params = unflatten_params(_load_tensors(os.path.join(export_dir, PARAMS_FILE)))
+    with storage.as_local_file(os.path.join(export_dir, PARAMS_FILE)) as path:  # safetensors reads local files
+        params = unflatten_params(load_file(path))
     if config.param_dtype == "float32":
         params = jax.tree_util.tree_map(lambda x: x.astype(np.float32) if _is_float(x.dtype) else x, params)
     return registry.family_of(config).module, params, load_vocabulary(export_dir, info)
@@ -364,21 +364,6 @@ def _stored_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """{key: (shape, safetensors dtype name)} without reading the tensors."""
     with safe_open(path, framework="numpy") as f:
         return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-
-
-def _header_shapes(data: bytes) -> dict[str, tuple[tuple[int, ...], str]]:
-    """`_stored_shapes` of a safetensors file held in memory: its header is an 8-byte
-    little-endian length, then JSON {key: {'dtype', 'shape', 'data_offsets'}, '__metadata__'}."""
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
-    return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
-
-
-def _load_tensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file; a URL is read whole (safetensors reads local files only)."""
-    if storage.is_remote(path):
-        return safetensors.numpy.load(epath.Path(path).read_bytes())
-    return load_file(path)
 
 
 def _place(value: np.ndarray, like: Any) -> Any:
@@ -426,9 +411,14 @@ def load_params_for_training(export_dir: str, params: Any, include: Sequence[str
     path = os.path.join(export_dir, PARAMS_FILE)
     if not epath.Path(path).exists():
         raise FileNotFoundError(f"{export_dir} is not a simvlm_jax export (missing {PARAMS_FILE})")
+    with storage.as_local_file(path) as local:  # safetensors reads local files
+        return _load_selected(export_dir, local, params, include)
+
+
+def _load_selected(export_dir: str, path: str, params: Any, include: Sequence[str] | None) -> Any:
+    """`load_params_for_training` from the local params file `path`."""
     target = flatten_params(nn.meta.unbox(params))
-    data = epath.Path(path).read_bytes() if storage.is_remote(path) else None  # a URL: read once, whole
-    stored = _header_shapes(data) if data is not None else _stored_shapes(path)
+    stored = _stored_shapes(path)
     patterns = [re.compile(p) for p in include] if include is not None else None
 
     def chosen(key: str) -> bool:
@@ -446,10 +436,6 @@ def load_params_for_training(export_dir: str, params: Any, include: Sequence[str
         errors.append(f"params not loaded need initialized values, got abstract ones for {abstract[:8]}")
     if errors:
         raise ValueError(f"cannot load {export_dir} into this model (include={include}): " + "; ".join(errors))
-    if data is not None:
-        tensors = safetensors.numpy.load(data)
-        leaves = [_place(tensors[k], leaf) if k in selected else leaf for k, leaf in target.items()]
-    else:
-        with safe_open(path, framework="numpy") as f:
-            leaves = [_place(f.get_tensor(k), leaf) if k in selected else leaf for k, leaf in target.items()]
+    with safe_open(path, framework="numpy") as f:
+        leaves = [_place(f.get_tensor(k), leaf) if k in selected else leaf for k, leaf in target.items()]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(nn.meta.unbox(params)), leaves)

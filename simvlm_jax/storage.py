@@ -14,11 +14,12 @@ uploads whole, and directories are uploaded file by file (`upload_dir`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import shutil
 import tempfile
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from etils import epath
 
@@ -85,8 +86,8 @@ def _download_dir() -> str:
 
 
 def local_copy(path: str) -> str:
-    """`path` itself if local; for a URL, a local copy of the file (downloaded once per process),
-    for readers that only take a local path (SentencePiece, the CLIP BPE merges, safetensors)."""
+    """`path` itself if local; for a URL, a local copy of the file (downloaded once per process and
+    kept until exit), for readers that take only a local path and may read it later (tokenizers)."""
     if not is_remote(path):
         return path
     dst = os.path.join(_download_dir(), path.replace("://", "/", 1).lstrip("/"))
@@ -97,6 +98,19 @@ def local_copy(path: str) -> str:
             f.write(data)
         os.replace(dst + ".part", dst)
     return dst
+
+
+@contextlib.contextmanager
+def as_local_file(path: str) -> Iterator[str]:
+    """`path` itself if local; for a URL, a temporary local copy of the file, removed on exit."""
+    if not is_remote(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="simvlm_jax_download_") as tmp:
+        local = os.path.join(tmp, os.path.basename(path))
+        with epath.Path(path).open("rb") as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        yield local
 
 
 class LocalMirror:
