@@ -1,19 +1,24 @@
 """WORK_DIR, eval and export directories as gs:// URLs.
 
-`gcs` maps every gs://... path of etils.epath onto a local directory (etils' `mock_epath`
-with the os backend), so these tests check that each file under a remote WORK_DIR goes
-through epath -- none may land in a local `gs:` folder -- without a bucket. Not covered here:
-TensorFlow's GCS filesystem itself (epath's backend for gs:// in production), orbax's
-checkpoints (tensorstore writes their arrays to gs:// directly) and the JAX profiler.
+The `gcs` fixture maps every gs://... path of etils.epath onto a local directory, so these
+tests check that each file under a remote WORK_DIR goes through epath -- none may land in a
+local `gs:` folder -- without a bucket, with two of epath's backends behind the mapping:
+etils' `mock_epath` (its os backend) and the tf.io.gfile backend, which epath uses for gs://
+in production (TensorFlow is installed) -- here on local files. Not covered: GCS itself
+(TensorFlow's GCS filesystem, credentials), orbax's checkpoints (tensorstore writes their
+arrays to gs:// directly) and the JAX profiler's traces.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
 import jax
 import numpy as np
 import pytest
+from etils import epath
+from etils.epath import backend as epath_backend
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
 from safetensors.numpy import load_file
@@ -32,6 +37,7 @@ class FakeGcs:
     def __init__(self, root: str):
         self.root = root
         self.writes: list[str] = []  # the URLs opened for writing, in order
+        self.backend = ""  # the epath backend behind the mapping
 
     def local(self, path):
         path = os.fspath(path)
@@ -59,24 +65,43 @@ class FakeGcs:
             yield self.url(os.fspath(root)), dirs, files
 
 
-@pytest.fixture
-def gcs(tmp_path, monkeypatch):
+class MappedBackend:
+    """An epath backend: `inner`'s methods, called on the local paths of `fake`'s URLs."""
+
+    def __init__(self, inner, fake: FakeGcs):
+        self.inner, self.fake = inner, fake
+
+    def __getattr__(self, name):
+        hook = {"open": self.fake.open, "glob": self.fake.glob, "walk": self.fake.walk}.get(name, self.fake.redirect)
+        return functools.partial(hook, getattr(self.inner, name))
+
+
+@pytest.fixture(params=["mock_epath", "tf_gfile"])
+def gcs(request, tmp_path, monkeypatch):
     """A fake gs:// (under tmp_path/gcs); the test runs in tmp_path/cwd, which must stay empty."""
     fake = FakeGcs(str(tmp_path / "gcs"))
+    fake.backend = request.param
     os.makedirs(fake.root)
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
-    # With TensorFlow installed, epath sends gs:// to tf.io.gfile whatever mock_epath sets.
-    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
-    names = ("copy", "exists", "isdir", "listdir", "makedirs", "mkdir", "remove", "rename", "replace", "rmtree",
-             "stat")
-    with epath_testing.mock_epath(**{n: fake.redirect for n in names}, open=fake.open, glob=fake.glob,
-                                  walk=fake.walk):
+    if request.param == "tf_gfile":  # what epath uses for gs:// when TensorFlow is installed
+        monkeypatch.setattr(gpath, "_is_zonal_gcs_bucket", lambda bucket: False)  # would ask GCS
+        monkeypatch.setattr(epath_backend, "tf_backend", MappedBackend(epath_backend.tf_backend, fake))
         yield fake
+    else:
+        # With TensorFlow installed, epath sends gs:// to tf.io.gfile whatever mock_epath sets.
+        monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+        names = ("copy", "exists", "isdir", "listdir", "makedirs", "mkdir", "remove", "rename", "replace",
+                 "rmtree", "stat")
+        with epath_testing.mock_epath(**{n: fake.redirect for n in names}, open=fake.open, glob=fake.glob,
+                                      walk=fake.walk):
+            yield fake
     assert not os.listdir(tmp_path / "cwd"), "a gs:// path was written as a local path"
 
 
 def test_fake_gcs_maps_urls_onto_its_root(gcs):
+    backend = epath.Path(BUCKET)._backend  # pylint: disable=protected-access
+    assert isinstance(backend, MappedBackend) if gcs.backend == "tf_gfile" else type(backend).__name__ == "_MockBackend"
     storage.write_text(f"{BUCKET}/a/b.txt", "hi")
     assert open(os.path.join(gcs.root, "bucket/run/a/b.txt")).read() == "hi"
     assert storage.read_text(f"{BUCKET}/a/b.txt") == "hi"
