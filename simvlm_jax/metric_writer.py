@@ -80,8 +80,12 @@ class MetricWriter:
             self._mirror.cleanup()
             self._mirror = None
 
+    def flush(self) -> None:
+        """A remote work_dir: uploads what changed now (local files are always up to date)."""
+        self._sync(force=True)
+
     def _sync(self, force: bool = False) -> None:
-        """Remote work_dir: uploads what changed when forced or `sync_every_s` s after the last upload."""
+        """A remote work_dir: uploads what changed when forced or `sync_every_s` s after the last upload."""
         if self._mirror is None or not (force or time.monotonic() - self._last_sync >= self.sync_every_s):
             return
         if self._tb:

@@ -416,6 +416,7 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
                 timer.started()  # after compilation and the first save: ex/s and ETA time steps only
             if eval_fn is not None and eval_every and done % eval_every == 0:
                 t_eval = timer.clock()
+                writer.flush()  # a remote WORK_DIR: the eval report's loss curve reads metrics.jsonl
                 eval_out = eval_fn(state.params, done)
                 writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_out.items()
                                             if isinstance(v, (int, float))})

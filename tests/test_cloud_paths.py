@@ -114,6 +114,8 @@ def test_metric_writer_writes_metrics_and_config_to_a_bucket_and_appends_on_resu
     writer.write_scalars(1, {"loss": 2.0})
     writer.write_scalars(2, {"loss": 1.5})
     assert storage.read_text(f"{BUCKET}/metrics.jsonl") == ""  # sync_every_s not reached: staged only
+    writer.flush()
+    assert len(storage.read_text(f"{BUCKET}/metrics.jsonl").splitlines()) == 2
     writer.close()
     resumed = metric_writer.MetricWriter(BUCKET, tensorboard=False, sync_every_s=0)
     resumed.write_scalars(2, {"loss": 1.25})
