@@ -7,9 +7,9 @@ VM, its service account). Local paths keep their plain-file behaviour, byte for 
 
 Object stores have no appends and no directory renames (a rename is a copy + delete of each
 object), but a single-object write is atomic: readers see the old object or the new one. So
-remote files are written whole and directly, where local ones use tmp-then-rename; files that
-grow (metrics.jsonl, TensorBoard events) live in a local staging directory that `LocalMirror`
-uploads whole, and directories are uploaded file by file (`upload_dir`).
+remote files are written whole and directly (no tmp-then-rename, which a local export keeps);
+files that grow (metrics.jsonl, TensorBoard events) live in a local staging directory that
+`LocalMirror` uploads whole, and directories are uploaded file by file (`upload_dir`).
 """
 from __future__ import annotations
 
@@ -72,9 +72,14 @@ def upload_dir(local_dir: str, dst: str | os.PathLike, last: Iterable[str] = ())
     files = sorted(os.path.relpath(os.path.join(root, f), local_dir)
                    for root, _, names in os.walk(local_dir) for f in names)
     for rel in [f for f in files if f not in last] + [f for f in last if f in files]:
-        target = epath.Path(dst) / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(epath.Path(local_dir, rel).read_bytes())
+        _upload(os.path.join(local_dir, rel), epath.Path(dst) / rel)
+
+
+def _upload(local: str, target: epath.Path) -> None:
+    """Copies the local file `local` to `target` (one object on a bucket), streaming."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(local, "rb") as src, target.open("wb") as dst:
+        shutil.copyfileobj(src, dst)
 
 
 @functools.cache
@@ -93,9 +98,7 @@ def local_copy(path: str) -> str:
     dst = os.path.join(_download_dir(), path.replace("://", "/", 1).lstrip("/"))
     if not os.path.exists(dst):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        data = epath.Path(path).read_bytes()  # raises FileNotFoundError naming the URL
-        with open(dst + ".part", "wb") as f:
-            f.write(data)
+        _download(epath.Path(path), dst + ".part")  # a failed download leaves only the .part file
         os.replace(dst + ".part", dst)
     return dst
 
@@ -108,9 +111,14 @@ def as_local_file(path: str) -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory(prefix="simvlm_jax_download_") as tmp:
         local = os.path.join(tmp, os.path.basename(path))
-        with epath.Path(path).open("rb") as src, open(local, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        _download(epath.Path(path), local)
         yield local
+
+
+def _download(src: epath.Path, local: str) -> None:
+    """Copies `src` (a URL) to the local file `local`, streaming; FileNotFoundError if it is missing."""
+    with src.open("rb") as f, open(local, "wb") as out:
+        shutil.copyfileobj(f, out)
 
 
 class LocalMirror:
@@ -131,8 +139,7 @@ class LocalMirror:
         if src.exists():
             dst = os.path.join(self.local_dir, name)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
-            with open(dst, "wb") as f:
-                f.write(src.read_bytes())
+            _download(src, dst)
             self._pushed[name] = self._signature(dst)
 
     def push(self) -> None:
@@ -143,10 +150,7 @@ class LocalMirror:
                 rel = os.path.relpath(local, self.local_dir)
                 sig = self._signature(local)
                 if self._pushed.get(rel) != sig:
-                    target = epath.Path(self.remote_dir) / rel
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with open(local, "rb") as fh:
-                        target.write_bytes(fh.read())
+                    _upload(local, epath.Path(self.remote_dir) / rel)
                     self._pushed[rel] = sig
 
     def cleanup(self) -> None:
