@@ -79,6 +79,7 @@ def _upload(local: str, target: epath.Path) -> None:
     """Copies the local file `local` to `target` (one object on a bucket), streaming."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(local, "rb") as src, target.open("wb") as dst:
+        dst.write(b"")  # tf.io.gfile creates the file at the first write: an empty one too
         shutil.copyfileobj(src, dst)
 
 

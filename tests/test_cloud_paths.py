@@ -163,9 +163,11 @@ def test_upload_dir_copies_the_tree_and_puts_the_marker_last(gcs, tmp_path):
     (src / "sub").mkdir(parents=True)
     for name in ("z.txt", "model.gin", "sub/x.bin"):
         (src / name).write_text(name)
+    (src / "empty").write_text("")
     storage.upload_dir(str(src), f"{BUCKET}/out", last=("model.gin",))
-    assert gcs.writes == [f"{BUCKET}/out/sub/x.bin", f"{BUCKET}/out/z.txt", f"{BUCKET}/out/model.gin"]
+    assert gcs.writes == [f"{BUCKET}/out/{n}" for n in ("empty", "sub/x.bin", "z.txt", "model.gin")]
     assert storage.read_text(f"{BUCKET}/out/sub/x.bin") == "sub/x.bin"
+    assert storage.read_text(f"{BUCKET}/out/empty") == ""  # tf.io.gfile writes no file without a write
 
 
 def test_local_copy_downloads_a_url_once(gcs):
