@@ -25,7 +25,7 @@ INSTALL_REQUIRES = [
     "pyarrow==26.0.1",
     "msgpack==1.2.4",
     "tqdm==4.70.1",
-    "etils==1.15.0",
+    "etils[epath,epy]==1.15.0",  # epath: WORK_DIR / export / eval files on local disks or gs:// (simvlm_jax.storage)
     "fsspec==2026.9.0",  # gs://, s3://, ... data paths; the protocols' packages are the gcs / s3 extras
     "simplejpeg==1.9.0",  # JPEG decode (libjpeg-turbo), pixel-identical to PIL's, faster
     # SIMD antialiased resize (fast_image_resize). No Linux aarch64 wheel: PIL resizes there.

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # quiet TensorFlow (imported by seqio)
 
 import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
 
 from simvlm_jax import batching, decoding, export  # noqa: E402  (JAX, not TensorFlow)
 from simvlm_jax.models import registry  # noqa: E402
@@ -35,8 +36,7 @@ def load_image(path: str, image_size: int) -> np.ndarray:
     # TensorFlow (via seqio) loads only once there are images to read, so a bad --export_dir
     # fails at once, without TensorFlow's start-up noise.
     from simvlm_jax.data import preprocessors  # pylint: disable=g-import-not-at-top  (TensorFlow)
-    with open(path, "rb") as f:
-        data = f.read()
+    data = epath.Path(path).read_bytes()  # a local file or a URL (gs://...)
     img = preprocessors.open_image(data, MAX_IMAGE_PIXELS, min_size=image_size)
     return preprocessors.resize_center_crop(img, image_size)
 
@@ -106,7 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if not os.path.isdir(args.export_dir):
+    if not epath.Path(args.export_dir).is_dir():  # a local directory or a URL (gs://...)
         print(f"error: export dir {args.export_dir}: not a directory", file=sys.stderr)
         return 2
     try:

@@ -24,9 +24,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import gin
 import jax
 import numpy as np
+from etils import epath
 from PIL import Image
 
-from simvlm_jax import batching, caption_metrics, decoding, partitioning
+from simvlm_jax import batching, caption_metrics, decoding, partitioning, storage
 from simvlm_jax.data import preprocessors as pp
 from simvlm_jax.data import sources
 from simvlm_jax.models import registry
@@ -110,10 +111,10 @@ def read_loss_curve(metrics_jsonl: str | None, key: str = "loss") -> list[tuple[
     """(step, value) of every training row of a run's metrics.jsonl that logged `key`, by step.
     A resumed run appends rows again from its checkpoint: the last row of a step wins.
     Unreadable lines (a run killed mid-write) and non-finite values are left out."""
-    if not metrics_jsonl or not os.path.exists(metrics_jsonl):
+    if not metrics_jsonl or not epath.Path(metrics_jsonl).exists():
         return []
     by_step: dict[int, float] = {}
-    with open(metrics_jsonl, encoding="utf-8") as f:
+    with epath.Path(metrics_jsonl).open(encoding="utf-8") as f:
         for line in f:
             try:
                 row = json.loads(line)
@@ -292,8 +293,7 @@ def write_report(path: str, rows: list[dict[str, Any]], metrics: dict[str, Any],
                      f"<td>{r['cider']:.1f}</td><td><div class='pred'>{html.escape(r['prediction'])}</div>"
                      f"<ul class='refs'>{refs}</ul><small>{html.escape(str(r['key']))}</small></td></tr>")
     parts.append("</table></body></html>")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))
+    storage.write_text(path, "\n".join(parts))
     return path
 
 
@@ -345,7 +345,7 @@ def evaluate_captioning(model: Any, params: Any, vocab, mesh: jax.sharding.Mesh,
     'models/simvlm_base.gin', 'checkpoint': path}; a key equal to a built-in row replaces it)
     and `metrics_jsonl` (the run's WORK_DIR/metrics.jsonl: the training loss curve).
     `histogram_bins`: bins of the per-image CIDEr histogram."""
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     if annotations_json:
         if not image_dir:
             raise ValueError("evaluate_captioning.annotations_json needs evaluate_captioning.image_dir "
@@ -389,10 +389,9 @@ def evaluate_captioning(model: Any, params: Any, vocab, mesh: jax.sharding.Mesh,
     if step is not None:
         out["step"] = int(step)
     if jax.process_index() == 0:
-        with open(os.path.join(out_dir, "captions.json"), "w", encoding="utf-8") as f:
-            json.dump([{"image_id": e["image_id"], "caption": predictions[e["key"]]} for e in examples], f, indent=1)
-        with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=1)
+        storage.write_text(os.path.join(out_dir, "captions.json"), json.dumps(
+            [{"image_id": e["image_id"], "caption": predictions[e["key"]]} for e in examples], indent=1))
+        storage.write_text(os.path.join(out_dir, "metrics.json"), json.dumps(out, indent=1))
         rows = [{"key": e["key"], "image": e["image"], "references": e["references"],
                  "prediction": p, "cider": result["per_image"][e["key"]]["cider"]}
                 for e, p in zip(examples, preds)]

@@ -9,8 +9,10 @@ from typing import Any, Sequence
 
 import gin
 import jax
+from etils import epath
 
-from simvlm_jax import checkpointing, convert_open_clip, evaluate, export, metric_writer, partitioning, train
+from simvlm_jax import (checkpointing, convert_open_clip, evaluate, export, metric_writer, partitioning, storage,
+                        train)
 from simvlm_jax.cli import UserError
 from simvlm_jax.data import pipeline, sources, synthetic, tasks, tokenizer  # noqa: F401  (gin configurables)
 from simvlm_jax.models import registry
@@ -82,9 +84,10 @@ def eval_name(step: int | None, max_examples: int | None = None, from_export: bo
 
 
 def unused_dir(path: str) -> str:
-    """`path`, or `path-2`, `path-3`, ... if it exists: an eval never replaces another's files."""
+    """`path`, or `path-2`, `path-3`, ... if it exists: an eval never replaces another's files.
+    `path` may be a URL (gs://...): there, a directory exists if any object is under it."""
     candidate, n = path, 1
-    while os.path.exists(candidate):
+    while epath.Path(candidate).exists():
         n += 1
         candidate = f"{path}-{n}"
     return candidate
@@ -94,16 +97,13 @@ def latest_eval_metrics(eval_root: str, step: int | None) -> dict[str, Any] | No
     """The metrics of the most recent full eval of checkpoint `step` under `eval_root` (for the
     model card of an export made without an eval in the same command)."""
     found = []
-    try:
-        paths = sources.expand_paths(os.path.join(eval_root, "*", "metrics.json"))
-    except (FileNotFoundError, ValueError):  # no evals yet
-        paths = []
+    root = epath.Path(eval_root)
+    paths = sorted(str(p) for p in root.glob("*/metrics.json")) if root.exists() else []  # none: no evals yet
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
+        info = json.loads(storage.read_text(path))
         if info.get("step") == step and info.get("metrics", {}).get("num_images") and \
                 "_first" not in os.path.basename(os.path.dirname(path)):
-            found.append((os.path.getmtime(path), path, info))
+            found.append((storage.mtime(path), path, info))
     if not found:
         return None
     _, path, info = max(found, key=lambda t: t[0])
@@ -123,7 +123,7 @@ def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None
     CoCa). Evals during training (`train.eval_every`) use the first `eval_every_max_examples`
     examples and skip the constant-caption baseline.
     """
-    summary: dict[str, Any] = {"work_dir": os.path.abspath(work_dir)}
+    summary: dict[str, Any] = {"work_dir": storage.display_path(work_dir)}
     eval_root = os.path.join(work_dir, "eval")
     metrics_jsonl = os.path.join(work_dir, "metrics.jsonl")  # the report's loss curve
     export_dir = export_dir or os.path.join(work_dir, "export")
@@ -183,8 +183,8 @@ def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None
         _record_eval(work_dir, step, metrics)
         summary.update(dict(metrics.items()))
         summary["report"] = out.get("report")
-        summary["eval_dir"] = os.path.abspath(out_dir)
-        log.info("eval: results in %s", os.path.abspath(out_dir))
+        summary["eval_dir"] = storage.display_path(out_dir)
+        log.info("eval: results in %s", storage.display_path(out_dir))
     if "export" in modes:
         if metrics is None:
             metrics = latest_eval_metrics(eval_root, step)
@@ -194,8 +194,8 @@ def run(modes: Sequence[str], work_dir: str = gin.REQUIRED, eval_dir: str | None
         export.export(params, family.config, vocab, export_dir,
                       metrics=metrics, dtype=export_dtype, training_gin=gin.config_str(),
                       step=int(step), writers=writers)
-        summary["export_dir"] = os.path.abspath(export_dir)
-        log.info("export: checkpoint %s -> %s", step, os.path.abspath(export_dir))
+        summary["export_dir"] = storage.display_path(export_dir)
+        log.info("export: checkpoint %s -> %s", step, storage.display_path(export_dir))
     return summary
 
 

@@ -26,7 +26,8 @@ import logging
 import os
 import re
 import shutil
-from typing import Any, Protocol, Sequence
+import tempfile
+from typing import Any, Callable, Protocol, Sequence
 
 import flax.linen as nn
 import jax
@@ -34,9 +35,11 @@ import jax.numpy as jnp
 import ml_dtypes
 from jax.experimental import multihost_utils
 import numpy as np
+from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from simvlm_jax import storage
 from simvlm_jax.models import registry
 from simvlm_jax.models.family import ModelFamily
 
@@ -160,8 +163,7 @@ def _model_card(fam: ModelFamily, info: dict[str, Any], extra_notes: Sequence[st
 
 
 def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    storage.write_text(path, text)
 
 
 def tokenizer_source(fam: ModelFamily, vocabulary: Any) -> tuple[dict[str, Any], str | None]:
@@ -209,7 +211,8 @@ def export(params: Any, config: ModelConfig, vocabulary: Any, export_dir: str,
     `convert_open_clip.OpenClipWriter(config)`: open_clip's state dict); they check the
     config when created and the tokenizer here, before anything is written. `origin`: the
     model card's provenance line (default: trained with simvlm_jax at `step`).
-    The bundle appears atomically (written to `export_dir.tmp`, then renamed).
+    The bundle appears atomically (written to `export_dir.tmp`, then renamed). `export_dir` may
+    be a URL (gs://...): see `_upload_bundle`.
     """
     fam = registry.family_of(config)
     tokenizer, tokenizer_file = tokenizer_source(fam, vocabulary)
@@ -223,14 +226,6 @@ def export(params: Any, config: ModelConfig, vocabulary: Any, export_dir: str,
         flat = cast_floats(flat, dtype)
     if jax.process_index() != 0:
         return export_dir
-    tmp = export_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(flat, os.path.join(tmp, PARAMS_FILE),
-              metadata={"format": "simvlm_jax", "version": str(FORMAT_VERSION), "model_type": fam.export_type})
-    _write_text(os.path.join(tmp, "model.gin"), config_to_gin(config))
-    if tokenizer_file:
-        shutil.copy(tokenizer_file, os.path.join(tmp, tokenizer["file"]))
     info = {"format_version": FORMAT_VERSION, "model": fam.export_type, "model_type": fam.export_type,
             "config_class": type(config).__name__, "tokenizer": tokenizer,
             "num_params": int(sum(v.size for v in flat.values())),
@@ -238,17 +233,53 @@ def export(params: Any, config: ModelConfig, vocabulary: Any, export_dir: str,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(), "metrics": metrics or {}}
     if origin:
         info["origin"] = origin
-    notes = []
-    for writer in writers:
-        notes.append(writer(host_params, os.path.join(tmp, writer.name), dtype or "float32"))
-        info[writer.name] = True
-    _write_text(os.path.join(tmp, "export_info.json"), json.dumps(info, indent=1))
-    if training_gin:
-        _write_text(os.path.join(tmp, "training_config.gin"), training_gin)
-    _write_text(os.path.join(tmp, "MODEL_CARD.md"), _model_card(fam, info, notes))
+
+    def write(out_dir: str) -> None:
+        _write_bundle(out_dir, flat, config, info, tokenizer_file, host_params, writers, dtype, training_gin)
+
+    if storage.is_remote(export_dir):
+        _upload_bundle(write, export_dir)
+        return export_dir
+    tmp = export_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
     shutil.rmtree(export_dir, ignore_errors=True)
     os.replace(tmp, export_dir)
     return export_dir
+
+
+def _write_bundle(out_dir: str, flat: dict[str, np.ndarray], config: ModelConfig, info: dict[str, Any],
+                  tokenizer_file: str | None, host_params: Any, writers: Sequence[ExtraWriter],
+                  dtype: str | None, training_gin: str | None) -> None:
+    """Writes the bundle's files into the local directory `out_dir`; adds the writers' keys to `info`."""
+    fam = registry.family_of(config)
+    save_file(flat, os.path.join(out_dir, PARAMS_FILE),
+              metadata={"format": "simvlm_jax", "version": str(FORMAT_VERSION), "model_type": fam.export_type})
+    _write_text(os.path.join(out_dir, "model.gin"), config_to_gin(config))
+    if tokenizer_file:
+        storage.copy_file(tokenizer_file, os.path.join(out_dir, info["tokenizer"]["file"]))
+    notes = []
+    for writer in writers:
+        notes.append(writer(host_params, os.path.join(out_dir, writer.name), dtype or "float32"))
+        info[writer.name] = True
+    _write_text(os.path.join(out_dir, "export_info.json"), json.dumps(info, indent=1))
+    if training_gin:
+        _write_text(os.path.join(out_dir, "training_config.gin"), training_gin)
+    _write_text(os.path.join(out_dir, "MODEL_CARD.md"), _model_card(fam, info, notes))
+
+
+def _upload_bundle(write: Callable[[str], None], export_dir: str) -> None:
+    """An export to a URL (gs://...). Object stores cannot rename a directory (a "rename" is a
+    copy + delete of each object) but write each object atomically, so the bundle is built in
+    a local temporary directory (the extra writers need local files), the old bundle is
+    removed, and the files are uploaded directly, model.gin last: until it is there, readers
+    report 'not a simvlm_jax export (missing model.gin)'."""
+    with tempfile.TemporaryDirectory(prefix="simvlm_jax_export_") as tmp:
+        write(tmp)
+        if epath.Path(export_dir).exists():
+            epath.Path(export_dir).rmtree()
+        storage.upload_dir(tmp, export_dir, last=("model.gin",))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -257,9 +288,8 @@ def read_export_info(export_dir: str) -> dict[str, Any]:
     """export_info.json, with format-1 bundles (SimVLM, SentencePiece) filled in."""
     path = os.path.join(export_dir, "export_info.json")
     info: dict[str, Any] = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
+    if epath.Path(path).exists():
+        info = json.loads(storage.read_text(path))
     version = info.get("format_version", 1)
     if version > FORMAT_VERSION:
         raise ValueError(f"{export_dir}: export format {version} is newer than this simvlm_jax's "
@@ -276,15 +306,14 @@ def _check_export_dir(export_dir: str, info: dict[str, Any]) -> None:
                                            if info["tokenizer"]["type"] in TOKENIZER_TYPES else [])
     if info["tokenizer"]["type"] == "clip_bpe" and not info["tokenizer"]["file"]:
         needed.pop()  # older bundles: CLIP BPE from open_clip_torch
-    missing = [n for n in needed if not os.path.exists(os.path.join(export_dir, n))]
+    missing = [n for n in needed if not epath.Path(export_dir, n).exists()]
     if missing:
         raise FileNotFoundError(f"{export_dir} is not a simvlm_jax export (missing {', '.join(missing)})")
 
 
 def load_config(export_dir: str) -> ModelConfig:
     """The export's model config (SimVLMConfig or CoCaConfig)."""
-    with open(os.path.join(export_dir, "model.gin"), encoding="utf-8") as f:
-        config = gin_to_config(f.read())
+    config = gin_to_config(storage.read_text(os.path.join(export_dir, "model.gin")))
     model_type = read_export_info(export_dir)["model_type"]
     if model_type_of(config) != model_type:
         raise ValueError(f"{export_dir}: model.gin holds a {type(config).__name__} but export_info.json "
@@ -305,7 +334,8 @@ def load_export(export_dir: str) -> tuple[Any, dict[str, Any], Any]:
     info = read_export_info(export_dir)
     _check_export_dir(export_dir, info)
     config = load_config(export_dir)
-    params = unflatten_params(load_file(os.path.join(export_dir, PARAMS_FILE)))
+    with storage.as_local_file(os.path.join(export_dir, PARAMS_FILE)) as path:  # safetensors reads local files
+        params = unflatten_params(load_file(path))
     if config.param_dtype == "float32":
         params = jax.tree_util.tree_map(lambda x: x.astype(np.float32) if _is_float(x.dtype) else x, params)
     return registry.family_of(config).module, params, load_vocabulary(export_dir, info)
@@ -315,13 +345,14 @@ def load_vocabulary(export_dir: str, info: dict[str, Any] | None = None) -> Any:
     """The bundle's tokenizer as a seqio vocabulary (see `load_export`), or None."""
     tokenizer = (info or read_export_info(export_dir))["tokenizer"]
     file = os.path.join(export_dir, tokenizer["file"]) if tokenizer.get("file") else None
+    # A bundle at a URL: the tokenizer readers take local paths, so a local copy of the file.
     if tokenizer["type"] == "sentencepiece":
         import seqio  # pylint: disable=g-import-not-at-top  (TensorFlow: only to load a vocabulary)
-        return seqio.SentencePieceVocabulary(file or os.path.join(export_dir, TOKENIZER_FILE))
+        return seqio.SentencePieceVocabulary(storage.local_copy(file or os.path.join(export_dir, TOKENIZER_FILE)))
     if tokenizer["type"] == "clip_bpe":
         from simvlm_jax.data import clip_tokenizer  # pylint: disable=g-import-not-at-top  (seqio -> TensorFlow)
         try:  # without a merges file in the bundle: the one open_clip_torch ships
-            return clip_tokenizer.ClipBpeVocabulary(file)
+            return clip_tokenizer.ClipBpeVocabulary(storage.local_copy(file) if file else None)
         except (FileNotFoundError, ImportError) as e:
             logging.getLogger("simvlm_jax").warning("%s: no CLIP BPE tokenizer (%s)", export_dir, e)
     return None
@@ -378,8 +409,14 @@ def load_params_for_training(export_dir: str, params: Any, include: Sequence[str
     Raises ValueError naming the params missing on either side, or of another shape.
     """
     path = os.path.join(export_dir, PARAMS_FILE)
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         raise FileNotFoundError(f"{export_dir} is not a simvlm_jax export (missing {PARAMS_FILE})")
+    with storage.as_local_file(path) as local:  # safetensors reads local files
+        return _load_selected(export_dir, local, params, include)
+
+
+def _load_selected(export_dir: str, path: str, params: Any, include: Sequence[str] | None) -> Any:
+    """`load_params_for_training` from the local params file `path`."""
     target = flatten_params(nn.meta.unbox(params))
     stored = _stored_shapes(path)
     patterns = [re.compile(p) for p in include] if include is not None else None

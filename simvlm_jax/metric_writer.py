@@ -1,5 +1,9 @@
 """Training metrics to stdout, `<work_dir>/metrics.jsonl` and TensorBoard; process 0 only.
-Also the progress line (`format_progress`) and the timing behind its ex/s and ETA (`StepTimer`)."""
+Also the progress line (`format_progress`) and the timing behind its ex/s and ETA (`StepTimer`).
+
+`work_dir` may be a URL (gs://bucket/run): metrics.jsonl and the TensorBoard events are then
+written to a local staging directory and uploaded whole (`storage.LocalMirror`; object stores
+cannot append) at most every `sync_every_s` seconds, and at `write_config` and `close`."""
 from __future__ import annotations
 
 import json
@@ -10,20 +14,30 @@ from typing import Callable, Mapping
 
 import jax
 
+from simvlm_jax import storage
+
 
 class MetricWriter:
-    def __init__(self, work_dir: str, tensorboard: bool = True):
+    def __init__(self, work_dir: str, tensorboard: bool = True, sync_every_s: float = 30.0):
         self.enabled = jax.process_index() == 0
         self.work_dir = work_dir
-        self._jsonl = self._tb = None
+        self.sync_every_s = sync_every_s
+        self._jsonl = self._tb = self._mirror = None
+        self._last_sync = time.monotonic()
         if not self.enabled:
             return
-        os.makedirs(work_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(work_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        local_dir = work_dir
+        if storage.is_remote(work_dir):
+            storage.makedirs(work_dir)
+            self._mirror = storage.LocalMirror(work_dir)
+            self._mirror.pull("metrics.jsonl")  # a resumed run appends to it
+            local_dir = self._mirror.local_dir
+        os.makedirs(local_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(local_dir, "metrics.jsonl"), "a", encoding="utf-8")
         if tensorboard:
             # Lazy: tensorboardX imports PyTorch whenever it is installed (seconds, for every CLI).
             from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (loads PyTorch)
-            self._tb = SummaryWriter(os.path.join(work_dir, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(local_dir, "tensorboard"))
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -34,14 +48,15 @@ class MetricWriter:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        self._sync()
 
     def write_config(self, gin_config: str, mesh_shape: dict, num_params: int) -> None:
         if not self.enabled:
             return
-        with open(os.path.join(self.work_dir, "config.gin"), "w", encoding="utf-8") as f:
-            f.write(gin_config)
+        storage.write_text(os.path.join(self.work_dir, "config.gin"), gin_config)
         if self._tb:
             self._tb.add_text("config", f"mesh {mesh_shape}, {num_params:,} params\n\n```\n{gin_config}\n```")
+        self._sync(force=True)
 
     def write_image(self, tag: str, step: int, image_hwc) -> None:
         if self.enabled and self._tb:
@@ -60,6 +75,23 @@ class MetricWriter:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+        if self._mirror:
+            self._mirror.push()
+            self._mirror.cleanup()
+            self._mirror = None
+
+    def flush(self) -> None:
+        """A remote work_dir: uploads what changed now (local files are always up to date)."""
+        self._sync(force=True)
+
+    def _sync(self, force: bool = False) -> None:
+        """A remote work_dir: uploads what changed when forced or `sync_every_s` s after the last upload."""
+        if self._mirror is None or not (force or time.monotonic() - self._last_sync >= self.sync_every_s):
+            return
+        if self._tb:
+            self._tb.flush()
+        self._mirror.push()
+        self._last_sync = time.monotonic()
 
 
 def format_duration(seconds: float) -> str:

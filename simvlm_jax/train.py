@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from simvlm_jax import checkpointing, export, flops, partitioning
+from simvlm_jax import checkpointing, export, flops, partitioning, storage
 from simvlm_jax.metric_writer import MetricWriter, StepTimer, format_progress
 from simvlm_jax.models import layers, registry
 from simvlm_jax.models.family import ModelFamily, count_params
@@ -332,7 +332,7 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
     # The input pipeline (seqio -> TensorFlow) loads only for training, so the Trainer and
     # the benchmarks import without TensorFlow.
     from simvlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    os.makedirs(work_dir, exist_ok=True)
+    storage.makedirs(work_dir)  # local or a URL (gs://...)
     family = registry.family_of(model) if model is not None else registry.model_family()
     mesh = mesh or partitioning.make_mesh()
     if global_batch_size % partitioning.num_batch_shards(mesh):
@@ -416,6 +416,7 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
                 timer.started()  # after compilation and the first save: ex/s and ETA time steps only
             if eval_fn is not None and eval_every and done % eval_every == 0:
                 t_eval = timer.clock()
+                writer.flush()  # a remote WORK_DIR: the eval report's loss curve reads metrics.jsonl
                 eval_out = eval_fn(state.params, done)
                 writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_out.items()
                                             if isinstance(v, (int, float))})

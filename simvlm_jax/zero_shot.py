@@ -67,7 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simvlm_jax import batching, cli, export
+from simvlm_jax import batching, cli, export, storage
 from simvlm_jax.batching import map_batches
 from simvlm_jax.cli import UserError, add_gin_args, load_gin, split_gin_args
 from simvlm_jax.data import preprocessors, sources
@@ -505,8 +505,7 @@ def load_image_folder(root: str, image_size: int, max_per_class: int | None = No
 
 
 def _read_lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    return [line.strip() for line in storage.read_text(path).split("\n") if line.strip()]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -585,9 +584,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k, v in result.items():
         print(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}")
     line = json.dumps(result)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(line + "\n")
+    if args.output:  # a local path or a URL (gs://...)
+        storage.write_text(args.output, line + "\n")
     print(line)
     return 0
 
