@@ -25,53 +25,37 @@ CFG = mplug.MPLUGConfig(vocab_size=257, image_size=32, patch_size=16, vision_wid
                         max_text_len=8, max_target_len=8, max_prefix_len=4, mask_id=256, queue_size=24)
 
 
-def _batch(seed: int, n: int = 8) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    text = rng.integers(3, 256, (n, 8)).astype(np.int32)
-    mlm = np.where(rng.random((n, 8)) < 0.3, 256, text).astype(np.int32)
-    return {"image": rng.integers(0, 256, (n, 32, 32, 3)).astype(np.uint8), "text_tokens": text,
-            "mlm_tokens": mlm, "mlm_labels": np.where(mlm == 256, text, 0).astype(np.int32),
-            "prefix_tokens": rng.integers(3, 256, (n, 4)).astype(np.int32),
-            "target_tokens": rng.integers(3, 256, (n, 8)).astype(np.int32)}
-
-
-def _steps(trainer, state, seeds):
-    for s in seeds:
-        state, _ = trainer.step(state, partitioning.host_batch_to_global(_batch(s), trainer.mesh,
-                                                                          trainer.batch_shardings))
-    return state
-
-
 def _leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-@pytest.mark.slow
 def test_aux_state_checkpoints_and_restores_onto_another_mesh(tmp_path):
+    """Saved on data=8, restored onto data=2 x fsdp=2 x tensor=2: the momentum params and queues
+    come back with the same values and the new mesh's shardings (the Trainer's steps on
+    them: tests/test_mplug_objectives.py; a kill -9 resume: the CLI test below)."""
     fam = mplug.MPLUGFamily(CFG)
     opt = lambda: train.make_optimizer(10, warmup_steps=1)
     a = train.Trainer(fam, partitioning.make_mesh(data=8), opt())
-    state = _steps(a, a.init_state(), [0, 1])
-    assert int(state.aux_state["queue_ptr"]) == 16
+    state = a.init_state()
+    # A state as after some steps: the EMA moved off the params, the queues and pointer too.
+    aux = jax.tree_util.tree_map(lambda x: x * 0.5 + 0.25 if x.dtype == np.float32 else x + 5, state.aux_state)
+    state = state.replace(aux_state=aux)
     manager = checkpointing.make_manager(str(tmp_path), save_every=1, async_save=False)
     assert checkpointing.save(manager, 2, state, None)
     manager.wait_until_finished()
-    # Another mesh: the restored aux state has the new mesh's shardings and the saved values.
     b = train.Trainer(fam, partitioning.make_mesh(data=2, fsdp=2, tensor=2), opt())
     restored, step = checkpointing.restore(checkpointing.make_manager(str(tmp_path)), b.abstract_state, None)
-    assert step == 2
+    assert step == 2 and int(restored.aux_state["queue_ptr"]) == 5
     for x, y in zip(_leaves(state.aux_state), _leaves(restored.aux_state)):
         np.testing.assert_array_equal(x, y)
+    for x, y in zip(_leaves(state.aux_state["ema"]), _leaves({k: state.params[k] for k in mplug.MOMENTUM_PARAMS})):
+        assert not np.array_equal(x, y)  # the EMA was saved as its own copy, not the params
     queue = restored.aux_state["image_queue"]
     assert queue.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
     assert queue.addressable_shards[0].data.shape == (CFG.queue_size // 4, CFG.embed_dim)
-    ema_embed = restored.aux_state["ema"]["token_embed"]["embedding"]
-    assert ema_embed.sharding == restored.params["token_embed"]["embedding"].sharding
-    # One more step on either mesh: the same numbers (up to reduction order); the queue wraps.
-    cont_a, cont_b = _steps(a, state, [2, 3]), _steps(b, restored, [2, 3])
-    assert int(cont_a.aux_state["queue_ptr"]) == int(cont_b.aux_state["queue_ptr"]) == (32 % 24)
-    for x, y in zip(_leaves(cont_a.aux_state), _leaves(cont_b.aux_state)):
-        np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5)
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, restored.aux_state["ema"])
+    assert shardings == jax.tree_util.tree_map(lambda x: x.sharding,
+                                               {k: restored.params[k] for k in mplug.MOMENTUM_PARAMS})
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -90,6 +74,9 @@ def _cli(data_dir: str, work_dir: str, steps: int, mode: str = "train") -> list[
             "--gin.BATCH_SIZE=16", "--gin.train.log_every=1", "--gin.make_manager.save_every=1",
             "--gin.make_optimizer.warmup_steps=2", "--gin.make_optimizer.learning_rate=2e-3",
             "--gin.MPLUGConfig.queue_size=64", "--gin.make_train_iterator.num_threads=1",
+            # Fewer layers than mplug_tiny (1 co-attention + 1 connected fusion layer): a faster compile.
+            "--gin.MPLUGConfig.vision_layers=1", "--gin.MPLUGConfig.fusion_layers=2",
+            "--gin.MPLUGConfig.fusion_stride=1",
             "--gin.prepare_builtin.num_train=300", "--gin.prepare_builtin.num_heldout=16",
             "--gin.prepare_builtin.num_text=100"]
 
@@ -106,7 +93,7 @@ def _metrics(work_dir: str) -> dict[int, dict]:
 @pytest.mark.slow
 def test_mplug_trains_from_the_cli_and_resumes_bitwise_after_kill9(tmp_path):
     data, ref = str(tmp_path / "data"), str(tmp_path / "ref")
-    steps = 10
+    steps = 8
     subprocess.run(_cli(data, ref, steps, "prepare,train"), cwd=ROOT, env=_env(), check=True,
                    capture_output=True, timeout=900)
     reference = _metrics(ref)
@@ -121,7 +108,7 @@ def test_mplug_trains_from_the_cli_and_resumes_bitwise_after_kill9(tmp_path):
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline:
-        if os.path.exists(os.path.join(work, "metrics.jsonl")) and len(_metrics(work)) >= 4:
+        if os.path.exists(os.path.join(work, "metrics.jsonl")) and len(_metrics(work)) >= 3:
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
