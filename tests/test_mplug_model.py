@@ -469,3 +469,20 @@ def test_config_is_validated():
     with pytest.raises(ValueError, match="max_text_len"):
         mplug.MPLUG(tiny()).init(jax.random.key(0), {**mplug.dummy_batch(tiny()),
                                                      "text_tokens": jnp.zeros((1, 7), jnp.int32)})
+
+
+def test_conv_stem_image_tower_gives_the_same_token_grid():
+    """stem_stages > 0: the ViT patchifies the BiT stem's features (patch_size in input pixels),
+    so the image tokens keep their count; the stem's convs live under 'visual'."""
+    cfg = tiny(image_size=64, patch_size=16, stem_stages=1, stem_width=32, stem_units=(1,))
+    fam = mplug.MPLUGFamily(cfg)
+    params = nn.meta.unbox(fam.init_params(jax.random.key(0)))
+    assert {"root_conv", "stage1_unit1", "vit"} <= set(params["visual"])
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    tokens = fam.module.apply({"params": params}, images, method=mplug.MPLUG.encode_image)
+    assert tokens.shape == (2, cfg.num_image_tokens, cfg.text_width) == (2, 17, cfg.text_width)
+    assert "ResNet stage 1" in fam.table_cells()[5]
+    with pytest.raises(ValueError, match="patch_size=2: must be a multiple of the conv stem stride 4"):
+        tiny(stem_stages=1, patch_size=2)  # the stem's stride 4 does not divide the patch
+    with pytest.raises(ValueError, match="stem_stages=0"):
+        mplug.import_open_clip_vision(params, {}, cfg)

@@ -87,6 +87,11 @@ class MPLUGConfig:
     vision_mlp_dim: int = 3072
     vision_activation: str = "quick_gelu"
     vision_layer_norm_eps: float = 1e-5
+    # ViT on linear patches, or (stem_stages > 0) on the features of the first BiT ResNet
+    # stages (SimVLM's conv stem; patch_size counts input pixels; no CLIP weights then).
+    stem_stages: int = 0
+    stem_width: int = 64
+    stem_units: tuple[int, ...] = (3, 4, 6)
     image_mean: tuple[float, ...] = coca.OPENAI_MEAN  # for uint8 images (float = already normalized)
     image_std: tuple[float, ...] = coca.OPENAI_STD
     # Text side (text encoder, fusion, decoder): BERT-base widths.
@@ -130,6 +135,10 @@ class MPLUGConfig:
               f"text_width={self.text_width} not divisible by text_heads")
         check(self.image_size % self.patch_size == 0, "image_size", f"not divisible by patch_size={self.patch_size}")
         check(self.fusion_stride >= 1, "fusion_stride", "must be >= 1")
+        check(0 <= self.stem_stages <= len(self.stem_units), "stem_stages",
+              f"needs 0..len(stem_units)={len(self.stem_units)}")
+        check(self.patch_size % layers.stem_stride(self.stem_stages) == 0, "patch_size",
+              f"must be a multiple of the conv stem stride {layers.stem_stride(self.stem_stages)}")
         check(self.vision_activation in coca.ACTIVATIONS, "vision_activation", f"choose one of {coca.ACTIVATIONS}")
         check(self.max_text_len >= 1, "max_text_len", "must be >= 1")
         check(self.max_target_len >= 1, "max_target_len", "must be >= 1")
@@ -202,10 +211,12 @@ def _stack(cfg: MPLUGConfig, kwargs: dict, num_layers: int, name: str):
 
 
 def vision_config(cfg: MPLUGConfig) -> coca.CoCaConfig:
-    """The CoCaConfig whose (open_clip-mode) VisionEncoder is mPLUG's CLIP ViT."""
-    w = cfg.vision_width
+    """The CoCaConfig whose (open_clip-mode) VisionEncoder is mPLUG's CLIP ViT. With a conv
+    stem it reads the stem's feature map: sizes in stem pixels."""
+    w, stride = cfg.vision_width, layers.stem_stride(cfg.stem_stages)
     return coca.CoCaConfig(
-        open_clip_compatible=True, image_size=cfg.image_size, patch_size=cfg.patch_size, encoder_width=w,
+        open_clip_compatible=True, image_size=cfg.image_size // stride, patch_size=cfg.patch_size // stride,
+        encoder_width=w,
         encoder_layers=cfg.vision_layers, encoder_heads=cfg.vision_heads, encoder_mlp_dim=cfg.vision_mlp_dim,
         activation=cfg.vision_activation, layer_norm_eps=cfg.vision_layer_norm_eps, image_mean=cfg.image_mean,
         image_std=cfg.image_std, decoder_width=w, decoder_heads=cfg.vision_heads, embed_dim=w,
@@ -223,7 +234,13 @@ class ImageEncoder(nn.Module):
     def __call__(self, images: Array, deterministic: bool = True) -> Array:
         cfg = self.config
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
-        x = coca.VisionEncoder(vision_config(cfg), name="vit")(images, deterministic)
+        x = images
+        if cfg.stem_stages:  # the ViT then patchifies the stem's (float) features
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                x = (x.astype(jnp.float32) - jnp.asarray(cfg.image_mean)) / jnp.asarray(cfg.image_std)
+            x = simvlm.resnet_stem(x.astype(cfg.compute_dtype), cfg.stem_width, cfg.stem_units[:cfg.stem_stages],
+                                   0.0, deterministic, **kw)
+        x = coca.VisionEncoder(vision_config(cfg), name="vit")(x, deterministic)
         x = layers.layer_norm("ln_post", eps=cfg.vision_layer_norm_eps, **kw)(x)
         if cfg.vision_width != cfg.text_width:  # the reference's visn_fc + visn_layer_norm (ViT-L)
             x = layers.dense_general(cfg.text_width, -1, ("embed", None), (None,), name="visn_fc", **kw)(x)
@@ -622,7 +639,8 @@ class MPLUGFamily(family.ModelFamily):
         return [pair(cfg.vision_width, cfg.text_width),
                 f"{cfg.vision_layers} / {cfg.text_layers}+{cfg.fusion_layers}+{cfg.decoder_layers}",
                 pair(cfg.vision_heads, cfg.text_heads), pair(cfg.vision_mlp_dim, cfg.text_mlp_dim),
-                f"{cfg.image_size} / {cfg.patch_size}", "linear",
+                f"{cfg.image_size} / {cfg.patch_size}",
+                family.describe_stem(cfg.stem_stages, cfg.stem_units, cfg.stem_width),
                 f"{cfg.num_image_tokens} image + {cfg.max_text_len} text (stride {cfg.fusion_stride})",
                 f"{cfg.max_target_len} target"]
 
@@ -682,6 +700,9 @@ def import_open_clip_vision(params: Any, state_dict: Any, cfg: MPLUGConfig) -> d
     fields must match the checkpoint's (patch, width, layers, heads, MLP)."""
     from simvlm_jax import convert_open_clip  # pylint: disable=g-import-not-at-top  (it imports export -> registry -> here)
     fields = "image_size/patch_size/vision_width/vision_layers/vision_heads/vision_mlp_dim"
+    if cfg.stem_stages:
+        raise ValueError(f"MPLUGConfig.stem_stages={cfg.stem_stages}: CLIP ViT weights fit a linear-patch "
+                         f"image tower only; set MPLUGConfig.stem_stages=0 to import them")
     try:
         vit = convert_open_clip.vision_from_open_clip(state_dict, vision_config(cfg))
     except (KeyError, ValueError) as e:
@@ -714,7 +735,8 @@ def _fusion_flops(cfg: MPLUGConfig, text_tokens: int, count_masked: bool = False
 
 def _image_flops(cfg: MPLUGConfig) -> float:
     n, w = cfg.num_image_tokens, cfg.vision_width
-    total = flops._image_embedding_flops(cfg.image_size, cfg.patch_size, w)
+    total = flops._image_embedding_flops(cfg.image_size, cfg.patch_size, w, cfg.stem_stages, cfg.stem_width,
+                                         cfg.stem_units)
     total += cfg.vision_layers * (flops._self_attention(n, w) + flops._mlp(n, w, cfg.vision_mlp_dim))
     if cfg.vision_width != cfg.text_width:
         total += flops._dense(n, w, cfg.text_width)
