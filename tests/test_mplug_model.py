@@ -476,7 +476,7 @@ def test_conv_stem_image_tower_gives_the_same_token_grid():
     so the image tokens keep their count; the stem's convs live under 'visual'."""
     cfg = tiny(image_size=64, patch_size=16, stem_stages=1, stem_width=32, stem_units=(1,))
     fam = mplug.MPLUGFamily(cfg)
-    params = nn.meta.unbox(fam.init_params(jax.random.key(0)))
+    params = random_params(cfg)  # host-drawn: no init to compile
     assert {"root_conv", "stage1_unit1", "vit"} <= set(params["visual"])
     images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     tokens = fam.module.apply({"params": params}, images, method=mplug.MPLUG.encode_image)
@@ -486,3 +486,31 @@ def test_conv_stem_image_tower_gives_the_same_token_grid():
         tiny(stem_stages=1, patch_size=2)  # the stem's stride 4 does not divide the patch
     with pytest.raises(ValueError, match="stem_stages=0"):
         mplug.import_open_clip_vision(params, {}, cfg)
+
+
+def test_zero_shot_retrieval_reports_itc_and_itm_reranked_metrics(tiny_model):
+    """Through the generic zero-shot code: ITC ranks, ITM (log P(match)) re-ranks the top k, and
+    the re-ranked scores of the top-k candidates are the model's own ITM scores."""
+    from simvlm_jax import zero_shot  # pylint: disable=g-import-not-at-top
+    cfg, _, params = tiny_model
+    fam = mplug.MPLUGFamily(cfg)
+
+    class Vocab:  # texts "3 4 5" -> ids [3, 4, 5]
+        vocab_size, eos_id = cfg.vocab_size, 1
+
+        def encode(self, text):
+            return [int(t) for t in text.split()]
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+    texts = [" ".join(map(str, rng.integers(3, cfg.vocab_size, 3))) for _ in range(4)]
+    out = zero_shot.zero_shot_retrieval(fam, params, Vocab(), images, texts, np.array([0, 1, 2, 2]),
+                                        zero_shot.ZeroShotOptions(rerank_k=2, batch_size=4))
+    assert out["rerank_k"] == 2 and {"image_to_text_R@1", "rerank/image_to_text_R@1",
+                                     "rerank/text_to_image_R@1", "rerank/mean_recall"} <= set(out)
+    targets, _ = zero_shot.tokenize_captions(Vocab(), texts, *fam.target_layout())
+    sim = np.asarray(fam.embed_images(params, images)) @ np.asarray(fam.embed_texts(params, targets)).T
+    i2t, _ = zero_shot.rerank_top_k(fam, params, images, targets, sim, 2, batch_size=4)
+    best = int(np.argmax(sim[0]))
+    itm = fam.match_scores(params, fam.match_context(params, images[:1]), targets[best:best + 1])
+    np.testing.assert_allclose(i2t[0, best], float(itm[0]), rtol=1e-4, atol=1e-5)
