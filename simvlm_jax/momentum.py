@@ -32,7 +32,7 @@ def ema_subset(params: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]
     missing = [k for k in keys if k not in params]
     if missing:
         raise KeyError(f"momentum params {missing} are not in the model's params {sorted(params)}")
-    return {k: jax.tree_util.tree_map(lambda x: x, params[k]) for k in keys}
+    return {k: params[k] for k in keys}
 
 
 def ema_update(ema: Any, params: Mapping[str, Any], decay: float) -> Any:

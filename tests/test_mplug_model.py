@@ -514,3 +514,14 @@ def test_zero_shot_retrieval_reports_itc_and_itm_reranked_metrics(tiny_model):
     best = int(np.argmax(sim[0]))
     itm = fam.match_scores(params, fam.match_context(params, images[:1]), targets[best:best + 1])
     np.testing.assert_allclose(i2t[0, best], float(itm[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_vocabulary_check_counts_the_mask_id_past_the_tokenizer():
+    class Vocab:
+        vocab_size, eos_id = 256, 1
+    fam = lambda **kw: mplug.MPLUGFamily(tiny(**kw))
+    fam(vocab_size=257, mask_id=256).check_vocabulary(Vocab())  # [MASK] appended at the tokenizer's size
+    with pytest.raises(ValueError, match="MPLUGConfig.vocab_size=600"):
+        fam(vocab_size=600, mask_id=256).check_vocabulary(Vocab())
+    with pytest.raises(ValueError, match="mask_id=1 is the pad/EOS id"):
+        fam(vocab_size=256, mask_id=1).check_vocabulary(Vocab())

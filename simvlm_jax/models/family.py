@@ -101,11 +101,18 @@ class ModelFamily:
     # usual padding for fast embedding/logit matmuls, e.g. T5's 32,100 -> 32,128).
     vocab_padding: int = 128
 
+    def extra_token_ids(self) -> tuple[int, ...]:
+        """Ids the model uses beyond the tokenizer's pieces (e.g. an MLM [MASK] appended at
+        the tokenizer's size); they count as part of the vocabulary in `check_vocabulary`."""
+        return ()
+
     def check_vocabulary(self, vocab: Any) -> None:
         """Raises ValueError if the tokenizer does not fit the model config: sizes (both
-        directions) and the special ids the model relies on (EOS, pad)."""
+        directions, the tokenizer's pieces + `extra_token_ids`) and the special ids the model
+        relies on (EOS, pad)."""
         cls = type(self.config).__name__
-        size, model = vocab.vocab_size, self.config.vocab_size
+        size = max([vocab.vocab_size] + [i + 1 for i in self.extra_token_ids()])
+        model = self.config.vocab_size
         remake = "make one with `python -m simvlm_jax.data.tokenizer` (pad=0 eos=1 unk=2)"
         if model < size:
             raise ValueError(f"{cls}.vocab_size={model} is smaller than the tokenizer's {size} pieces; "

@@ -501,16 +501,6 @@ def dummy_batch(cfg: MPLUGConfig, batch_size: int = 1) -> dict[str, Array]:
 MOMENTUM_PARAMS = ("visual", "token_embed", "text_encoder", "vision_proj", "text_proj")
 
 
-class _VocabWithMask:
-    """A tokenizer seen with the [MASK] id appended when that id lies past its pieces."""
-
-    def __init__(self, vocab: Any, mask_id: int):
-        self._vocab, self.vocab_size = vocab, max(vocab.vocab_size, mask_id + 1)
-
-    def __getattr__(self, name):
-        return getattr(self._vocab, name)
-
-
 class MPLUGFamily(family.ModelFamily):
     """mPLUG as a model family: ITC (momentum encoders + queues in the train state, momentum
     distillation) + ITM (global hard negatives) + MLM + PrefixLM; generates from the image
@@ -617,7 +607,10 @@ class MPLUGFamily(family.ModelFamily):
         if cfg.mask_id in (cfg.pad_id, cfg.eos_id):
             raise ValueError(f"MPLUGConfig.mask_id={cfg.mask_id} is the pad/EOS id; use the tokenizer's "
                              f"[MASK] piece or its size {vocab.vocab_size} (an extra id)")
-        super().check_vocabulary(_VocabWithMask(vocab, cfg.mask_id))
+        super().check_vocabulary(vocab)
+
+    def extra_token_ids(self) -> tuple[int, ...]:
+        return (self.config.mask_id,)  # [MASK] may sit past the tokenizer's pieces
 
     def tokens_per_example(self) -> int:
         cfg = self.config
