@@ -348,7 +348,13 @@ def similarity_matrix(model, params, vocab, images: np.ndarray, texts: Sequence[
                       opts: ZeroShotOptions | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """(scores [N_img, N_txt], info): cosine similarity of embeddings (families that embed,
     e.g. CoCa), else caption log-likelihood (e.g. SimVLM)."""
-    opts = opts or ZeroShotOptions()
+    sim, info, _ = _similarity(model, params, vocab, images, texts, opts or ZeroShotOptions())
+    return sim, info
+
+
+def _similarity(model, params, vocab, images: np.ndarray, texts: Sequence[str], opts: ZeroShotOptions
+                ) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
+    """`similarity_matrix`, plus the texts' target rows (re-ranking scores them again)."""
     fam = _family(model)
     params = _prepare_params(params)
     targets, truncated = _text_targets(fam, vocab, texts, opts)
@@ -356,10 +362,10 @@ def similarity_matrix(model, params, vocab, images: np.ndarray, texts: Sequence[
     if fam.can_embed:
         img = image_embeddings(fam, params, images, opts.batch_size)
         txt = text_embeddings(fam, params, targets, opts.text_batch_size)
-        return img @ txt.T, info
+        return img @ txt.T, info, targets
     info.update(score=opts.score, prompt=opts.prompt)
     return caption_scores(fam, params, images, targets, fam.prompt_ids(vocab, opts.prompt), opts.score,
-                          opts.pair_image_batch_size, opts.pair_text_batch_size), info
+                          opts.pair_image_batch_size, opts.pair_text_batch_size), info, targets
 
 
 def class_scores(model, params, vocab, images: np.ndarray, class_names: Sequence[str],
@@ -392,28 +398,23 @@ def rerank_top_k(fam: ModelFamily, params, images: np.ndarray, targets: np.ndarr
     ctx_fn, score_fn = jax.jit(fam.match_context), jax.jit(fam.match_scores)
     image_ctx = [jax.device_get(ctx_fn(params, images[i:i + batch_size])) for i in range(0, n_img, batch_size)]
     image_ctx = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, 0), *image_ctx)
-    pairs = {}
     top_t = np.argsort(-sim, axis=1, kind="stable")[:, :min(k, n_txt)]
     top_i = np.argsort(-sim.T, axis=1, kind="stable")[:, :min(k, n_img)]
-    wanted = {(i, j) for i in range(n_img) for j in top_t[i]} | {(i, j) for j in range(n_txt) for i in top_i[j]}
-    wanted = sorted(wanted)
-    for start in range(0, len(wanted), batch_size):
-        chunk = wanted[start:start + batch_size]
-        n = len(chunk)
-        rows = np.array([i for i, _ in chunk] + [chunk[0][0]] * (batch_size - n))  # fixed shape: one compile
-        cols = np.array([j for _, j in chunk] + [chunk[0][1]] * (batch_size - n))
-        ctx = jax.tree_util.tree_map(lambda x: x[rows], image_ctx)
-        scores = np.asarray(score_fn(params, ctx, targets[cols]), np.float64)[:n]
-        pairs.update(zip(chunk, scores))
-    floor = min(pairs.values()) - 1.0 - (sim.max() - sim.min())
-    i2t = sim.astype(np.float64) - sim.max() + floor
-    t2i = i2t.copy()
-    for i in range(n_img):
-        for j in top_t[i]:
-            i2t[i, j] = pairs[(i, j)]
-    for j in range(n_txt):
-        for i in top_i[j]:
-            t2i[i, j] = pairs[(i, j)]
+    cand_t = np.zeros(sim.shape, bool)   # [i, j]: text j is among image i's top k
+    np.put_along_axis(cand_t, top_t, True, axis=1)
+    cand_i = np.zeros(sim.shape, bool)   # [i, j]: image i is among text j's top k
+    np.put_along_axis(cand_i, top_i.T, True, axis=0)
+    rows_all, cols_all = np.nonzero(cand_t | cand_i)  # every pair scored once
+    pair = np.zeros(sim.shape, np.float64)
+    for start in range(0, len(rows_all), batch_size):
+        rows, cols = rows_all[start:start + batch_size], cols_all[start:start + batch_size]
+        n = len(rows)
+        rows, cols = np.pad(rows, (0, batch_size - n), mode="edge"), np.pad(cols, (0, batch_size - n), mode="edge")
+        ctx = jax.tree_util.tree_map(lambda x: x[rows], image_ctx)  # fixed shape: one compile
+        pair[rows[:n], cols[:n]] = np.asarray(score_fn(params, ctx, targets[cols]), np.float64)[:n]
+    scored = pair[cand_t | cand_i]
+    shifted = sim.astype(np.float64) - sim.max() + scored.min() - 1.0 - (sim.max() - sim.min())
+    i2t, t2i = np.where(cand_t, pair, shifted), np.where(cand_i, pair, shifted)
     return i2t, t2i
 
 
@@ -426,11 +427,10 @@ def zero_shot_retrieval(model, params, vocab, images: np.ndarray, texts: Sequenc
     re-rank its top k; both are reported (`rerank/...` keys hold the re-ranked metrics)."""
     opts = opts or ZeroShotOptions()
     t0 = time.time()
-    sim, info = similarity_matrix(model, params, vocab, images, texts, opts)
+    sim, info, targets = _similarity(model, params, vocab, images, texts, opts)
     out = {**retrieval_metrics(sim, text_to_image), **info}
     fam = registry.family_of(model)
     if fam.can_match and opts.rerank_k:
-        targets, _ = _text_targets(fam, vocab, texts, opts)
         i2t, t2i = rerank_top_k(fam, _prepare_params(params), images, targets, sim, opts.rerank_k,
                                 opts.batch_size)
         by_i2t, by_t2i = retrieval_metrics(i2t, text_to_image), retrieval_metrics(t2i, text_to_image)
