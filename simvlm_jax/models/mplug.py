@@ -30,8 +30,8 @@ LayerNorm, logits tied to the text token table, + bias) on the fused text tokens
 Differences from the reference, and why:
   * Pre-LN layers (the shared `layers.TransformerLayer`, as SimVLM and CoCa) instead of
     BERT's post-LN, so the three families share one layer (not compared with post-LN
-    here). For the connected layer: the reference adds its post-LN output to the image tokens (x + LN(x + update));
-    a pre-LN layer's output already is x + update (the residual stream), so it is
+    here). For the connected layer: the reference adds its post-LN output to the image
+    tokens (x + LN(x + update)); a pre-LN layer's output already is x + update (the residual stream), so it is
     written back as is; adding x again would double the image path at every connected
     layer. Pre-LN stacks end in a LayerNorm: the text encoder ('encoder_norm', in place
     of BERT's embedding LayerNorm), the decoder ('decoder_norm', likewise), the fusion
