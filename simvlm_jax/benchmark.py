@@ -7,6 +7,12 @@ step     Times the sharded train step of the gin-selected model family (`model_f
 data     Input pipeline images/s per core (read + decode + resize/crop +
          tokenize + batch) from tar and ArrayRecord via grain, side by side with
          a plain tf.data pipeline doing the same work (simvlm_jax/data/data_benchmark.py).
+train-compare  CoCa train step images/s, ours vs open_clip's (torch, AMP bf16 or fp32, fused
+         AdamW, optionally torch.compile) on the same device, model, batch and dtype
+         (simvlm_jax/train_benchmark.py).
+gpu-suite  Every GPU measurement in one call: MFU of SimVLM-Base/Large and CoCa-Base, CoCa-B/32
+         vs open_clip (training and decoding), profiles; one JSON file plus a table
+         (simvlm_jax/gpu_suite.py, docs/performance.md). `--smoke`: tiny configs, any machine.
 decode   Caption decoding captions/s, ours (jitted, KV cache) vs open_clip CoCa's
          `generate` on the same CPU, model, images and strategy (beam search,
          greedy); needs the open_clip test stack (simvlm_jax/decode_benchmark.py).
@@ -28,15 +34,13 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from typing import Any, Sequence
 
 # Importing JAX does not start its backends: `--devices` sets XLA_FLAGS before they do.
 import gin
 import jax
-import numpy as np
 
-from simvlm_jax import aot, cli, decode_benchmark, flops, partitioning, train
+from simvlm_jax import aot, cli, decode_benchmark, gpu_suite, partitioning, step_benchmark, train_benchmark
 from simvlm_jax.cli import UserError, add_gin_args, split_gin_args
 from simvlm_jax.models import registry
 from simvlm_jax.models.family import count_params
@@ -119,72 +123,18 @@ def _microbatches() -> int:
 
 def step(args: argparse.Namespace, bindings: list[str]) -> dict[str, Any]:
     cli.load_gin(args.gin_file, bindings, args.gin_search_path, skip_unknown=True)
-
     fam = _family(args.model)
-    cfg = fam.config
-    mesh = partitioning.make_mesh()
     batch_size = args.batch_size or gin.query_parameter("train.global_batch_size")
-    trainer = train.Trainer(fam, mesh, train.make_optimizer(10_000), microbatches=_microbatches(),
-                            rules=partitioning.axis_rules())
-    rng = np.random.default_rng(0)
-    host = {k: np.array(v) for k, v in fam.dummy_batch(batch_size).items()}
-    host["image"] = rng.integers(0, 256, host["image"].shape, dtype=np.uint8)
-    if "prefix_tokens" in host:  # SimVLM: half the prefix slots hold text
-        half = host["prefix_tokens"].shape[1] // 2
-        host["prefix_tokens"][:, :half] = rng.integers(3, cfg.vocab_size, (batch_size, half))
-    for k in host:  # captions, targets, MLM inputs: random ids (special ids 0-2 excluded)
-        if k.endswith("_tokens") and k != "prefix_tokens":
-            host[k][:] = rng.integers(3, cfg.vocab_size, host[k].shape)
-    batch = trainer.model_inputs(partitioning.host_batch_to_global(host, mesh))
-    t0 = time.perf_counter()
-    with trainer.activate():
-        compiled = trainer._step.lower(trainer.abstract_state, {k: jax.ShapeDtypeStruct(  # pylint: disable=protected-access
-            v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()}).compile()
-    compile_sec = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    state = trainer.init_state()
-    # The timed steps run the executable compiled above (calling the jitted step would compile
-    # it a second time, doubling compile time and host memory).
-    for _ in range(args.warmup):
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-    times = []
-    for _ in range(max(args.steps, 1)):
-        t = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t)
-    step_sec = float(np.median(times))
-    ex_per_sec = batch_size / step_sec
-    per_example = fam.train_flops_per_example()
-    peak = flops.peak_flops_per_device()
-    n = jax.device_count()
-    tokens = fam.tokens_per_example()
-    result = {
-        "model": fam.name, "device_kind": jax.devices()[0].device_kind, "devices": n, "mesh": dict(mesh.shape),
-        "global_batch_size": batch_size, "num_params": count_params(state.params),
-        "dtype": cfg.dtype, "attention_impl": cfg.attention_impl, "remat_policy": cfg.remat_policy,
-        "scan_layers": cfg.scan_layers, "compile_sec": round(compile_sec, 2),
-        "step_time_ms_median": step_sec * 1e3, "step_time_ms_min": min(times) * 1e3,
-        "examples_per_sec": ex_per_sec, "tokens_per_sec": ex_per_sec * tokens,
-        "analytic_train_flops_per_example": per_example,
-        "xla_flops_per_step_per_device": float(cost.get("flops", 0.0)) if cost else None,
-        "achieved_tflops_per_device": per_example * ex_per_sec / n / 1e12,
-        "mfu": per_example * ex_per_sec / (peak * n) if peak else None,
-        "final_loss": float(metrics["loss"]),
-    }
-    mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a (unknown peak)"
-    print(f"{result['device_kind']} x{n}: {step_sec * 1e3:.1f} ms/step, {ex_per_sec:.1f} ex/s, "
-          f"{result['achieved_tflops_per_device']:.1f} TFLOP/s/device, MFU {mfu}", file=sys.stderr)
-    return result
+    return step_benchmark.time_train_step(fam, partitioning.make_mesh(), batch_size, steps=args.steps,
+                                          warmup=args.warmup, microbatches=_microbatches(),
+                                          profile_dir=args.profile_dir or None)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def make_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m simvlm_jax.benchmark` (gin flags are parsed apart)."""
     parser = argparse.ArgumentParser(prog="python -m simvlm_jax.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["memory", "step", "aot", "data", "decode"])
+    parser.add_argument("what", choices=["memory", "step", "aot", "data", "decode", "train-compare", "gpu-suite"])
     parser.add_argument("--model", default=None, choices=registry.names(),
                         help="model family (step, memory); default: the gin files' model_family.name")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (step)")
@@ -197,6 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hbm_gib", type=float, default=0.0, help="per-device memory budget to check against")
     add_data_args(parser)
     decode_benchmark.add_args(parser)
+    train_benchmark.add_args(parser)
+    gpu_suite.add_args(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
     args, rest = parser.parse_known_args(argv)
     try:
         bindings, unknown = split_gin_args(rest)
@@ -219,6 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = data_benchmark.run(args)
         elif args.what == "decode":
             result = decode_benchmark.run(args)
+        elif args.what == "train-compare":
+            result = train_benchmark.run(args)
+        elif args.what == "gpu-suite":
+            result = gpu_suite.run(args)
         elif args.what == "aot":
             result = aot_compile(args, bindings)
         else:

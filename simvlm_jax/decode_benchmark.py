@@ -1,8 +1,9 @@
 """Caption decoding speed: our jitted KV-cache decoders vs open_clip CoCa's `generate`.
 
 Both decode the same random-weight open_clip CoCa (ours converted from its state
-dict with `convert_open_clip`) on the same images, on this machine's CPU, with the
-same strategy and lengths:
+dict with `convert_open_clip`) on the same images and device (`--torch_device`, default: the
+GPU when torch sees one; JAX's default backend), in float32 (TF32 matmuls on a GPU, JAX's
+default there, switched on for torch), with the same strategy and lengths:
   * beam:   plain beam search (open_clip: `generation_type='beam_search'`,
             `num_beam_groups=1`, HF's BeamSearchScorer) vs `decoding.beam_search`;
   * greedy: open_clip `generation_type='top_k'` with `top_k=1` (sampling from one
@@ -67,8 +68,9 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
-def _build(name: str, seed: int = 0):
-    """(open_clip model in eval mode, its model config dict), random weights."""
+def build_open_clip(name: str, seed: int = 0):
+    """(open_clip CoCa model, its model config dict), random weights; `name` is an open_clip
+    model name or 'tiny' (TINY_OPEN_CLIP)."""
     import open_clip  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
     import torch  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
     torch.manual_seed(seed)
@@ -79,10 +81,15 @@ def _build(name: str, seed: int = 0):
         if model_cfg is None or "multimodal_cfg" not in model_cfg:
             raise ValueError(f"--open_clip_model={name!r} is not an open_clip CoCa model name")
         model = open_clip.create_model(name)  # random weights
-    model.eval()
     with torch.no_grad():  # open_clip leaves it uninitialized (torch.empty)
         torch.nn.init.normal_(model.text_decoder.text_projection, std=model.text_decoder.width ** -0.5)
     return model, model_cfg
+
+
+def torch_device(name: str) -> str:
+    """`name`, or for 'auto' 'cuda' when torch sees a GPU, else 'cpu'."""
+    import torch  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def _agreement(ours: np.ndarray, theirs: np.ndarray, length: int) -> float:
@@ -104,7 +111,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--strategies={args.strategies!r}: use a comma-separated subset of beam, greedy")
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch_model, model_cfg = _build(args.open_clip_model)
+    device = torch_device(getattr(args, "torch_device", "auto"))
+    torch_model, model_cfg = build_open_clip(args.open_clip_model)
+    torch_model.to(device).eval()
+    torch.backends.cuda.matmul.allow_tf32 = True  # as JAX's default float32 matmuls on a GPU
     cfg = convert_open_clip.config_from_open_clip(model_cfg, eos_id=EOT)
     if args.decode_len > cfg.max_text_len:
         raise ValueError(f"--decode_len={args.decode_len} > the model's max_text_len={cfg.max_text_len}")
@@ -116,12 +126,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pixels = rng.integers(0, 256, (n, size, size, 3)).astype(np.float32)
     normalized = (pixels - np.asarray(coca.OPENAI_MEAN)) / np.asarray(coca.OPENAI_STD)
     images_jax = jnp.asarray(normalized, jnp.float32)           # NHWC, already normalized
-    images_torch = torch.from_numpy(normalized.transpose(0, 3, 1, 2).copy()).float()  # NCHW
+    images_torch = torch.from_numpy(normalized.transpose(0, 3, 1, 2).copy()).float().to(device)  # NCHW
     seq_len = args.decode_len + 1  # open_clip counts <start_of_text>
 
     results: dict[str, Any] = {
         "open_clip_model": args.open_clip_model, "batch": n, "decode_len": args.decode_len,
-        "num_beams": args.num_beams, "torch_threads": torch.get_num_threads(),
+        "num_beams": args.num_beams, "torch_threads": torch.get_num_threads(), "torch_device": device,
         "jax_devices": jax.device_count(), "jax_backend": jax.default_backend()}
     for strategy in strategies:
         if strategy == "beam":
@@ -138,9 +148,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def theirs():
             with torch.no_grad():
-                return torch_model.generate(images_torch, seq_len=seq_len, min_seq_len=0,
-                                            eos_token_id=EOT, sot_token_id=SOT, pad_token_id=0,
-                                            fixed_output_length=True, **theirs_kwargs)
+                out = torch_model.generate(images_torch, seq_len=seq_len, min_seq_len=0,
+                                           eos_token_id=EOT, sot_token_id=SOT, pad_token_id=0,
+                                           fixed_output_length=True, **theirs_kwargs)
+            return out.cpu()  # waits for the GPU
         theirs_sec, theirs_tokens = _median_time(theirs, args.repeats)
         theirs_tokens = theirs_tokens.numpy()[:, 1:]  # drop <start_of_text>
         results[strategy] = {

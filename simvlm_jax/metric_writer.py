@@ -114,6 +114,9 @@ class StepTimer:
     `exclude` (evals inside the loop) and the run's start-up: its first step, which includes
     compilation, and the first checkpoint save (orbax saves the first step, compiling its
     slicing). Both are timed from `started()` on; the ETA is None before.
+    `waited` counts time the loop spent blocked on the input pipeline: `window()` also sets
+    `data_wait_fraction`, that time's share of the window (0 when the device is the bottleneck:
+    steps are dispatched asynchronously, so the next batch is read while the device computes).
     `clock` is injectable for tests.
     """
 
@@ -122,6 +125,8 @@ class StepTimer:
         self._window_start = clock()
         self._window_steps = 0
         self._window_excluded = 0.0
+        self._window_waited = 0.0
+        self.data_wait_fraction = 0.0
         self._steady_start: float | None = None
         self._steady_steps = 0
         self._steady_excluded = 0.0
@@ -132,10 +137,15 @@ class StepTimer:
         if self._steady_start is not None:
             self._steady_steps += 1
 
+    def waited(self, seconds: float) -> None:
+        """The loop spent `seconds` waiting for the next batch."""
+        self._window_waited += seconds
+
     def started(self) -> None:
         """Start-up (compilation, first step, first save) is over: timing starts afresh now."""
         now = self.clock()
         self._window_start, self._window_steps, self._window_excluded = now, 0, 0.0
+        self._window_waited = 0.0
         self._steady_start, self._steady_steps, self._steady_excluded = now, 0, 0.0
 
     def exclude(self, seconds: float) -> None:
@@ -147,9 +157,12 @@ class StepTimer:
     def window(self) -> float:
         """Seconds per training step since the last call (excluded time left out); starts a new window."""
         now = self.clock()
+        busy = now - self._window_start - self._window_excluded
         rate = steps_per_second(self._window_steps, now - self._window_start, self._window_excluded)
         step_time = 1.0 / rate if rate else now - self._window_start
+        self.data_wait_fraction = min(self._window_waited / busy, 1.0) if busy > 0 else 0.0
         self._window_start, self._window_steps, self._window_excluded = now, 0, 0.0
+        self._window_waited = 0.0
         return step_time
 
     def eta(self, remaining_steps: int) -> float | None:
@@ -178,6 +191,8 @@ def format_progress(step: int, num_steps: int, metrics: Mapping[str, float], *, 
         parts.append(f"first step {first_step_sec:.1f}s (incl. compilation)")
     elif examples_per_sec is not None:
         parts.append(f"{examples_per_sec:,.0f} ex/s" + (f" | MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""))
+        if metrics.get("data_wait_fraction", 0.0) >= 0.05:  # input-bound: say so where it is seen
+            parts.append(f"waiting for data {metrics['data_wait_fraction']:.0%} of the time")
     seen = f"{examples_seen:,} examples"
     if epochs:
         seen += (f" ({next(iter(epochs.values())):.2f} epochs)" if len(epochs) == 1 else

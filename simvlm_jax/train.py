@@ -377,7 +377,9 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
         for step in range(start, num_steps):
             if profile_steps and step == profile_steps[0]:
                 jax.profiler.start_trace(os.path.join(work_dir, "profile"))
+            t_data = timer.clock()
             host_batch = next(data_iter)
+            timer.waited(timer.clock() - t_data)
             family.check_batch(host_batch)
             batch = partitioning.host_batch_to_global(trainer.model_inputs(host_batch), mesh,
                                                       trainer.batch_shardings)
@@ -394,7 +396,8 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
                 step_time = timer.window()
                 ex_per_sec = global_batch_size / step_time
                 metrics_host.update(step_time_sec=step_time, examples_per_sec=ex_per_sec,
-                                    tokens_per_sec=ex_per_sec * tokens_per_example)
+                                    tokens_per_sec=ex_per_sec * tokens_per_example,
+                                    data_wait_fraction=timer.data_wait_fraction)
                 if peak and not first:
                     metrics_host["mfu"] = flops_per_example * ex_per_sec / (peak * jax.device_count())
                 skipped = pipeline.skipped_counts()

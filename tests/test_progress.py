@@ -106,3 +106,25 @@ def test_epochs_per_step_reads_the_gin_bound_training_data(clean_gin):
     gin.bind_parameter("make_train_iterator.split", "validation")
     assert train.epochs_per_step(FakePipeline, 64) == {"images": 0.064}
     assert calls == [("mix", "validation", 64, 1)]
+
+
+def test_data_wait_fraction_is_the_windows_share_blocked_on_the_pipeline():
+    clock = FakeClock()
+    timer = StepTimer(clock)
+    timer.started()
+    for _ in range(10):                    # each step: 0.3 s waiting for data, 0.1 s the rest
+        clock.now += 0.3
+        timer.waited(0.3)
+        clock.now += 0.1
+        timer.step()
+    assert timer.window() == pytest.approx(0.4)
+    assert timer.data_wait_fraction == pytest.approx(0.75)
+    _run_steps(timer, clock, 10, 0.4)      # device-bound: the next batch is always ready
+    timer.window()
+    assert timer.data_wait_fraction == 0.0
+    bound = format_progress(100, 200, {**METRICS, "data_wait_fraction": 0.75}, examples_per_sec=10.0, eta=5.0,
+                            examples_seen=6400)
+    assert "waiting for data 75% of the time" in bound
+    fed = format_progress(100, 200, {**METRICS, "data_wait_fraction": 0.01}, examples_per_sec=10.0, eta=5.0,
+                          examples_seen=6400)
+    assert "waiting for data" not in fed
