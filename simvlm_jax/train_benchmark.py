@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
 import time
@@ -119,6 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if not compiled:
                 raise
             result[name] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+        print(f"{name}: {json.dumps(result[name])}", file=sys.stderr, flush=True)  # kept if ours fails
         gc.collect()  # the model, its gradients and optimizer state
         if device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -52,12 +52,32 @@ def layer_norm(name: str | None = None, *, dtype, param_dtype, eps: float = 1e-6
                         bias_init=param_with_axes(nn.initializers.zeros_init(), ("norm",)))
 
 
+def pad_to_even(q: Array, k: Array, v: Array, mask: Array | None) -> tuple[Array, Array, Array, Array | None]:
+    """Pads odd query / key lengths by one (a masked key; a query row that attends to key 0 and is
+    dropped after): cuDNN's fused attention with a mask trains only on even lengths (CoCa's 77
+    text tokens, its pooler's single query). Unchanged when both are even."""
+    t, s = q.shape[1], k.shape[1]
+    pad_t, pad_s = t % 2, s % 2
+    if not (pad_t or pad_s):
+        return q, k, v, mask
+    if mask is None:
+        mask = jnp.ones((q.shape[0], 1, t, s), bool)
+    mask = jnp.broadcast_to(mask, (q.shape[0], mask.shape[1], t, s))
+    seq = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))  # noqa: E731
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad_t), (0, pad_s)))  # padding: False
+    if pad_t:  # no all-masked row: its softmax would divide by zero
+        mask = mask.at[:, :, t:, 0].set(True)
+    return seq(q, pad_t), seq(k, pad_s), seq(v, pad_s), mask
+
+
 def attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str | None) -> Array:
     """[B,T,N,H] x [B,S,N,H] -> [B,T,N,H]; `mask` broadcastable to [B,N,T,S], True = attend."""
-    if impl == "cudnn":  # cuDNN flash attention: bf16/fp16 inputs and a full-size mask
+    if impl == "cudnn":  # cuDNN flash attention: bf16/fp16 inputs, a full-size mask, even lengths
+        t = q.shape[1]
+        q, k, v, mask = pad_to_even(q, k, v, mask)
         if mask is not None:
             mask = jnp.broadcast_to(mask, (q.shape[0], mask.shape[1], q.shape[1], k.shape[1]))
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")[:, :t]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
