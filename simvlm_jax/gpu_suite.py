@@ -1,4 +1,4 @@
-"""Every speed number of docs/performance.md in one command, sized for one 10-minute GPU session.
+"""Every speed number of docs/performance.md from one command, in priority order within a time budget.
 
     python -m simvlm_jax.benchmark gpu-suite --out_dir=/tmp/suite            # on the GPU
     python -m simvlm_jax.benchmark gpu-suite --out_dir=/tmp/suite --smoke    # tiny configs, any machine
@@ -6,20 +6,21 @@
 Runs the parts below in order, each as its own `python -m simvlm_jax.benchmark ...` process: a
 crash or an out-of-memory loses one row, not the run, and each process hands its GPU memory back
 before the next (JAX and torch each keep what they took). A part that would start with less than
-its `min_s` of `--budget_s` left is skipped and says so. After every part DIR/gpu_suite.json
+its `min_s` of `--budget_s` left is skipped and says so (all parts take about 15 minutes on an
+H200; `--only=a,b` picks some). After every part DIR/gpu_suite.json
 holds everything so far (each part's JSON, its command, its wall time, or its error and the
 end of its log); at the end DIR/gpu_suite.md holds the table and DIR/gpu_suite.log all logs.
 
 Parts (full size; `--smoke` swaps in tiny configs and small batches):
   coca_b32_vs_open_clip   CoCa-B/32 training, ours vs open_clip eager (AMP bf16, fused AdamW),
-                          batch 256, 224 px, 77 tokens; ours profiled (top device operations).
-  simvlm_base[_*]         SimVLM-Base MFU, bf16 + cuDNN attention: the configuration of the old
-                          23.3% number (scan, remat dots_no_batch) side by side with no remat
-                          (profiled).
-  coca_base, simvlm_large MFU of CoCa-Base (paper config, 288 px, no remat) and SimVLM-Large
-                          (remat dots_no_batch).
+                          batch 256, 224 px, 76 tokens; ours profiled (top device operations).
+  simvlm_base[_*]         SimVLM-Base MFU, bf16 + cuDNN attention, batch 256: no remat, layers
+                          unrolled (profiled; the fastest), then scanned layers without remat
+                          (the profile's dynamic-update-slice fusions), then the old 23.3%
+                          configuration (scan, remat dots_no_batch).
+  coca_base, simvlm_large MFU of CoCa-Base (paper config, 288 px, no remat, unrolled) and
+                          SimVLM-Large (scan, remat dots_no_batch).
   decode_coca_b32         beam search (3 beams) and greedy, 64 images per call, ours vs open_clip.
-  simvlm_base_unrolled    SimVLM-Base without remat and without scan over layers.
   open_clip_compiled      open_clip under torch.compile (last: its compile time is unknown).
 """
 from __future__ import annotations
@@ -67,20 +68,20 @@ def parts(smoke: bool, profile_root: str) -> list[Part]:
             Part("decode_coca_b32", ("decode", "--open_clip_model=tiny", "--decode_batch=2", "--decode_len=6",
                                      "--num_beams=3", "--repeats=1"), 600, 20),
         ]
-    no_remat = "--gin.SimVLMConfig.remat_policy='none'"
+    no_remat, unrolled = "--gin.SimVLMConfig.remat_policy='none'", "--gin.SimVLMConfig.scan_layers=False"
     return [
+        # Our CoCa-B/32 compiles for minutes on a GPU (36 unrolled layers, autotuned): 6 min limit.
         Part("coca_b32_vs_open_clip", ("train-compare", "--open_clip_model=coca_ViT-B-32", "--batch_size=256",
                                        "--compare_dtype=bfloat16", "--steps=10", "--warmup=3", prof("coca_b32")),
-             240, 60),
+             360, 240),
+        Part("simvlm_base", _step("simvlm_base", 256, *SIMVLM_GPU, no_remat, unrolled, prof("simvlm_base")), 180, 90),
+        Part("simvlm_base_scan", _step("simvlm_base", 256, *SIMVLM_GPU, no_remat), 150, 45),
         Part("simvlm_base_remat", _step("simvlm_base", 256, *SIMVLM_GPU), 150, 45),
-        Part("simvlm_base", _step("simvlm_base", 256, *SIMVLM_GPU, no_remat, prof("simvlm_base")), 150, 45),
         Part("coca_base", _step("coca_base", 256, *COCA_GPU, "--gin.CoCaConfig.remat_policy='none'",
-                                  "--gin.CoCaConfig.scan_layers=False"), 180, 60),
+                                "--gin.CoCaConfig.scan_layers=False"), 240, 120),
         Part("simvlm_large", _step("simvlm_large", 256, *SIMVLM_GPU), 180, 60),
         Part("decode_coca_b32", ("decode", "--open_clip_model=coca_ViT-B-32", "--decode_batch=64",
-                                 "--decode_len=20", "--num_beams=3", "--repeats=3"), 180, 60),
-        Part("simvlm_base_unrolled", _step("simvlm_base", 256, *SIMVLM_GPU, no_remat,
-                                           "--gin.SimVLMConfig.scan_layers=False"), 180, 60),
+                                 "--decode_len=20", "--num_beams=3", "--repeats=3"), 180, 90),
         Part("open_clip_compiled", ("train-compare", "--open_clip_model=coca_ViT-B-32", "--batch_size=256",
                                     "--compare_dtype=bfloat16", "--steps=10", "--warmup=3",
                                     "--contenders=open_clip_compiled"), 240, 90),

@@ -97,7 +97,7 @@ def _profile(compiled, state, batch, profile_dir: str, steps: int) -> dict[str, 
     from simvlm_jax import profile_summary  # pylint: disable=g-import-not-at-top  (only when profiling)
     os.makedirs(profile_dir, exist_ok=True)
     try:
-        jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+        jax.profiler.start_trace(profile_dir)  # writes the Chrome-trace JSON profile_summary reads
         try:
             for _ in range(steps):
                 state, metrics = compiled(state, batch)
