@@ -58,6 +58,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: all cores)")
 
 
+def import_torch():
+    """(torch, open_clip): the optional PyTorch stack (`bash tests/install_parity.sh`)."""
+    import open_clip  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
+    import torch  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
+    return torch, open_clip
+
+
 def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     out = fn()  # warm-up (and our compile)
     times = []
@@ -71,8 +78,7 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 def build_open_clip(name: str, seed: int = 0):
     """(open_clip CoCa model, its model config dict), random weights; `name` is an open_clip
     model name or 'tiny' (TINY_OPEN_CLIP)."""
-    import open_clip  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
-    import torch  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
+    torch, open_clip = import_torch()
     torch.manual_seed(seed)
     if name == "tiny":
         model_cfg, model = TINY_OPEN_CLIP, open_clip.CoCa(**TINY_OPEN_CLIP)
@@ -88,7 +94,7 @@ def build_open_clip(name: str, seed: int = 0):
 
 def torch_device(name: str) -> str:
     """`name`, or for 'auto' 'cuda' when torch sees a GPU, else 'cpu'."""
-    import torch  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
+    torch, _ = import_torch()
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
@@ -103,7 +109,7 @@ def _agreement(ours: np.ndarray, theirs: np.ndarray, length: int) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
+    torch, _ = import_torch()
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in strategies if s not in ("beam", "greedy")]

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from simvlm_jax import flops, partitioning, train
+from simvlm_jax import flops, partitioning, profile_summary, train
 from simvlm_jax.models.family import ModelFamily, count_params
 
 
@@ -94,7 +94,6 @@ def time_train_step(fam: ModelFamily, mesh: jax.sharding.Mesh, batch_size: int, 
 def _profile(compiled, state, batch, profile_dir: str, steps: int) -> dict[str, Any]:
     """Traces `steps` steps into `profile_dir` and summarizes the trace; a failed trace or
     summary is reported in the result, not raised (the timings above stand)."""
-    from simvlm_jax import profile_summary  # pylint: disable=g-import-not-at-top  (only when profiling)
     os.makedirs(profile_dir, exist_ok=True)
     try:
         jax.profiler.start_trace(profile_dir)  # writes the Chrome-trace JSON profile_summary reads

@@ -41,16 +41,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--profile_dir", default="", help="trace our steps there and summarize the top ops (step, train-compare)")
 
 
-def torch_device(name: str) -> str:
-    import torch  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def open_clip_step_time(model_name: str, batch_size: int, dtype: str, device: str, steps: int, warmup: int,
                         compile_model: bool = False) -> dict[str, Any]:
     """Median seconds of one open_clip CoCa training step, and how it was run."""
-    import open_clip  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
-    import torch  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
+    torch, open_clip = decode_benchmark.import_torch()
     model, model_cfg = decode_benchmark.build_open_clip(model_name)
     model.to(device).train()
     cuda = device.startswith("cuda")
@@ -65,7 +59,7 @@ def open_clip_step_time(model_name: str, batch_size: int, dtype: str, device: st
                               enabled=dtype == "bfloat16")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    def train_step() -> float:
+    def train_step():
         with autocast:
             out = forward(images, text)
             clip_loss, caption_loss = loss_fn(out["image_features"], out["text_features"], out["logits"],
@@ -90,18 +84,18 @@ def open_clip_step_time(model_name: str, batch_size: int, dtype: str, device: st
         times.append(time.perf_counter() - t)
     sec = statistics.median(times)
     return {"step_time_ms_median": sec * 1e3, "examples_per_sec": batch_size / sec,
-            "warmup_sec": round(warmup_sec, 2), "final_loss": float(loss), "torch_compile": compile_model,
+            "warmup_sec": round(warmup_sec, 2), "final_loss": float(loss.detach()), "torch_compile": compile_model,
             "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(), "device": device,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Times open_clip's and our CoCa train step on the same model, batch and dtype."""
-    import torch  # pylint: disable=g-import-not-at-top  (optional: PyTorch)
+    torch, _ = decode_benchmark.import_torch()
     if args.threads:
         torch.set_num_threads(args.threads)
     batch_size = args.batch_size or 16
-    device = torch_device(args.torch_device)
+    device = decode_benchmark.torch_device(args.torch_device)
     model_cfg = convert_open_clip.open_clip_model_config(args.open_clip_model) \
         if args.open_clip_model != "tiny" else decode_benchmark.TINY_OPEN_CLIP
     result: dict[str, Any] = {"open_clip_model": args.open_clip_model, "batch_size": batch_size,
