@@ -70,6 +70,17 @@ def pad_to_even(q: Array, k: Array, v: Array, mask: Array | None) -> tuple[Array
     return seq(q, pad_t), seq(k, pad_s), seq(v, pad_s), mask
 
 
+def attend_cached(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    """[B,T,N,H] queries x a heads-major KV cache [B,N,S,H] -> [B,T,N,H]; `mask` broadcastable
+    to [B,N,T,S]. The math of jax.nn.dot_product_attention's XLA path (scale 1/sqrt(H), float32
+    logits and softmax, masked logits at -0.7 x float32 max) with the cache's [B, N] as the
+    matmuls' batch dimensions, so no step copies the cache into another layout."""
+    logits = jnp.einsum("btnh,bnsh->bnts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    if mask is not None:
+        logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
+    return jnp.einsum("bnts,bnsh->btnh", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+
+
 def attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str | None) -> Array:
     """[B,T,N,H] x [B,S,N,H] -> [B,T,N,H]; `mask` broadcastable to [B,N,T,S], True = attend."""
     if impl == "cudnn":  # cuDNN flash attention: bf16/fp16 inputs, a full-size mask, even lengths
@@ -135,32 +146,34 @@ class Attention(nn.Module):
         q = constrain(q, BATCH_LENGTH_HEADS_KV)
         key_proj, value_proj = proj(name="key"), proj(name="value")
 
-        if self.is_cross and self.decode:
-            # Encoder keys/values are computed once when the cache is created.
-            ck = self.variable("cache", "cross_key", lambda: key_proj(kv_input))
-            cv = self.variable("cache", "cross_value", lambda: value_proj(kv_input))
-            k, v = ck.value, cv.value
-        elif self.decode:
-            k_new, v_new = key_proj(x), value_proj(x)
-            b, _, n, h = k_new.shape
-            shape = (b, self.max_decode_len, n, h)
-            ck = self.variable("cache", "cached_key", jnp.zeros, shape, k_new.dtype)
-            cv = self.variable("cache", "cached_value", jnp.zeros, shape, v_new.dtype)
-            idx = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-            i = idx.value
-            ck.value = jax.lax.dynamic_update_slice(ck.value, k_new, (0, i, 0, 0))
-            cv.value = jax.lax.dynamic_update_slice(cv.value, v_new, (0, i, 0, 0))
-            idx.value = i + x.shape[1]
-            k, v = ck.value, cv.value
-            # Attend to cached positions <= i (the query is at position i).
-            step_mask = (jnp.arange(self.max_decode_len) <= i)[None, None, None, :]
-            mask = step_mask if mask is None else jnp.logical_and(mask, step_mask)
+        if self.decode:
+            # The cache is heads-major, [B, N, S, H]: each step's attention reads it without
+            # transposing it (a [B, S, N, H] cache was transposed per layer and step).
+            heads_major = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731  [B,S,N,H] <-> [B,N,S,H]
+            if self.is_cross:  # encoder keys/values: projected once, when the cache is created
+                k = self.variable("cache", "cross_key", lambda: heads_major(key_proj(kv_input))).value
+                v = self.variable("cache", "cross_value", lambda: heads_major(value_proj(kv_input))).value
+            else:
+                k_new, v_new = heads_major(key_proj(x)), heads_major(value_proj(x))
+                b, n, _, h = k_new.shape
+                shape = (b, n, self.max_decode_len, h)
+                ck = self.variable("cache", "cached_key", jnp.zeros, shape, k_new.dtype)
+                cv = self.variable("cache", "cached_value", jnp.zeros, shape, v_new.dtype)
+                idx = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+                i = idx.value
+                ck.value = jax.lax.dynamic_update_slice(ck.value, k_new, (0, 0, i, 0))
+                cv.value = jax.lax.dynamic_update_slice(cv.value, v_new, (0, 0, i, 0))
+                idx.value = i + x.shape[1]
+                k, v = ck.value, cv.value
+                # Attend to cached positions <= i (the query is at position i).
+                step_mask = (jnp.arange(self.max_decode_len) <= i)[None, None, None, :]
+                mask = step_mask if mask is None else jnp.logical_and(mask, step_mask)
+            out = attend_cached(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         else:
             src = x if kv_input is None else kv_input
-            k, v = key_proj(src), value_proj(src)
-        k = constrain(k, BATCH_LENGTH_HEADS_KV)
-        v = constrain(v, BATCH_LENGTH_HEADS_KV)
-        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.attention_impl)
+            k = constrain(key_proj(src), BATCH_LENGTH_HEADS_KV)
+            v = constrain(value_proj(src), BATCH_LENGTH_HEADS_KV)
+            out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.attention_impl)
         out = constrain(out, BATCH_LENGTH_HEADS_KV)
         out = dense_general(width, (-2, -1), ("heads", "kv", "embed"), ("embed",), name="out", **kw)(out)
         return out.reshape(rows, length, width) if shared else out
