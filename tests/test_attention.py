@@ -18,8 +18,7 @@ def _padded(q, k, v, mask):
     return jax.nn.dot_product_attention(qp, kp, vp, mask=mp)[:, :t]
 
 
-@pytest.mark.parametrize("t,s,mask_kind", [(77, 77, "causal"), (1, 256, None), (1, 257, "random"),
-                                           (4, 6, "random"), (5, 8, None)])
+@pytest.mark.parametrize("t,s,mask_kind", [(77, 77, "causal"), (1, 256, None), (1, 257, "random")])
 def test_padding_to_even_lengths_changes_neither_values_nor_gradients(t, s, mask_kind):
     rng = np.random.default_rng(t * 1000 + s)
     q, k, v = (jnp.asarray(rng.normal(size=(2, n, 3, 8)), jnp.float32) for n in (t, s, s))
