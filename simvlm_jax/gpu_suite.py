@@ -6,8 +6,8 @@
 Runs the parts below in order, each as its own `python -m simvlm_jax.benchmark ...` process: a
 crash or an out-of-memory loses one row, not the run, and each process hands its GPU memory back
 before the next (JAX and torch each keep what they took). A part that would start with less than
-its `min_s` of `--budget_s` left is skipped and says so (all parts take about 15 minutes on an
-H200; `--only=a,b` picks some). After every part DIR/gpu_suite.json
+its `min_s` of `--budget_s` left is skipped and says so (on one H200 the parts that finished took 61-164 s each, and
+CoCa-B/32 did not finish in 195 s; `--only=a,b` picks some). After every part DIR/gpu_suite.json
 holds everything so far (each part's JSON, its command, its wall time, or its error and the
 end of its log); at the end DIR/gpu_suite.md holds the table and DIR/gpu_suite.log all logs.
 
@@ -72,7 +72,8 @@ def parts(smoke: bool, profile_root: str) -> list[Part]:
         ]
     no_remat, unrolled = "--gin.SimVLMConfig.remat_policy='none'", "--gin.SimVLMConfig.scan_layers=False"
     return [
-        # Our CoCa-B/32 compiles for minutes on a GPU (36 unrolled layers, autotuned): 6 min limit.
+        # On an H200 this part did not finish in 195 s (which of compile, steps or profile was
+        # slow was not seen): 6 min limit.
         Part("coca_b32_vs_open_clip", ("train-compare", "--open_clip_model=coca_ViT-B-32", "--batch_size=256",
                                        "--compare_dtype=bfloat16", "--steps=10", "--warmup=3", prof("coca_b32")),
              360, 240),
