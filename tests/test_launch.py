@@ -133,6 +133,17 @@ def test_commands_round_trip_through_the_shell(capsys):
                 assert words == [f"{k}={v}" for k, v in step.env.items()] + step.argv, (case, step.title)
 
 
+def test_local_processes_keep_the_callers_other_xla_flags():
+    """`local` sets each process's device count; the caller's other XLA flags are passed on."""
+    from simvlm_jax.launch import local
+    step_env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = local.process_env(step_env, {"PATH": "/bin", "XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
+                                                                    "--xla_backend_optimization_level=0"})
+    assert env == {"PATH": "/bin", "JAX_PLATFORMS": "cpu",
+                   "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=4"}
+    assert local.process_env(step_env, {"PATH": "/bin"}) == {"PATH": "/bin", **step_env}
+
+
 @pytest.mark.parametrize("argv, message", [
     ([], "the first argument is the target, one of tpu-vm, xpk, slurm, local"),
     (["gke", "--name=a"], "the first argument is the target"),

@@ -17,13 +17,19 @@ import pytest
 
 from conftest import REPO_ROOT, compile_cache_env
 
+# A constant learning rate after the warmup: the schedule then does not depend on NUM_STEPS, so
+# the killed-peer run (NUM_STEPS=100000) compiles the same train step as the 2-process run of
+# the first test and loads it from the shared compilation cache (tests/conftest.py).
 TRAIN = ["--gin_file=gin/demo.gin", "--gin.BATCH_SIZE=16", "--gin.train.log_every=1",
          "--gin.make_manager.save_every=1000", "--gin.SimVLMConfig.width=64", "--gin.SimVLMConfig.mlp_dim=128",
-         "--gin.make_optimizer.warmup_steps=2"]
+         "--gin.make_optimizer.warmup_steps=2", "--gin.make_optimizer.schedule='constant'"]
 
 
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    # The launcher sets each process's device count and passes this on (faster compiles, as in
+    # tests/conftest.py).
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     env["PYTHONHASHSEED"] = "0"
     env.update(compile_cache_env())
     return env

@@ -2,6 +2,9 @@
 jax.distributed on localhost: the same multi-process code path as a cluster (this is how the
 tests rehearse multi-host).
 
+Each process gets JAX_PLATFORMS=cpu and its device count in XLA_FLAGS; the caller's other XLA
+flags (e.g. --xla_dump_to, --xla_backend_optimization_level) are passed on.
+
 Process i writes <out_dir>/logs/process-<i>.log. When a process fails, the others get
 --grace seconds to exit on their own (their heartbeat to the coordinator stops after
 simvlm_jax.main's --heartbeat_timeout), then they are killed; the launcher names the failed
@@ -79,6 +82,18 @@ def _port_free(port: int) -> bool:
             return False
 
 
+def process_env(step_env: dict[str, str], environ=None) -> dict[str, str]:
+    """A process's environment: the caller's, with the plan's settings on top; the caller's
+    XLA_FLAGS are kept (but for its device count, which the plan sets) before the plan's."""
+    environ = os.environ if environ is None else environ
+    env = {**environ, **step_env}
+    if "XLA_FLAGS" in step_env:
+        kept = [f for f in environ.get("XLA_FLAGS", "").split()
+                if not f.startswith("--xla_force_host_platform_device_count")]
+        env["XLA_FLAGS"] = " ".join([*kept, step_env["XLA_FLAGS"]])
+    return env
+
+
 def supervise(plan: Plan, args: argparse.Namespace, port: int) -> int:
     if args.num_processes > 1 and not _port_free(port):
         raise UserError(f"port {port} on localhost is in use (another run?): pass --port=<free port>")
@@ -86,7 +101,7 @@ def supervise(plan: Plan, args: argparse.Namespace, port: int) -> int:
     procs = []
     for i, step in enumerate(plan.steps):
         with open(log_path(args, i), "w", encoding="utf-8") as log:
-            procs.append(subprocess.Popen(step.argv, env={**os.environ, **step.env}, stdout=log,
+            procs.append(subprocess.Popen(step.argv, env=process_env(step.env), stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True))
         print(f"[launch] process {i}: pid {procs[-1].pid}, log {log_path(args, i)}", flush=True)
     first_failure, failed_at = None, None
