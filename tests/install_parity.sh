@@ -11,4 +11,5 @@ VENV="${VENV:-$PWD/.venv}"
 "$VENV/bin/python" -m pip install -q torch==2.13.0
 "$VENV/bin/python" -m pip install -q --no-deps torchvision==0.16.2 open_clip_torch==3.3.0 \
   transformers==4.49.0 timm==1.0.31 huggingface_hub==0.36.2 tokenizers==0.21.4 ftfy==6.3.1 \
-  regex==2026.11.15 wcwidth==0.9.4 hf-xet==1.8.0
+  regex==2026.11.15 wcwidth==0.9.4 hf-xet==1.8.0 \
+  einops==0.8.2 einops-exts==0.0.4 open-flamingo==2.0.1
