@@ -63,15 +63,46 @@ def load_eval_examples(shards: str | list[str] | None, image_size: int, max_exam
     return examples
 
 
+def load_shots(shards: str | list[str], image_size: int, k: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`k` solved examples for in-context captioning, drawn from `shards` (the train split) in a
+    random order fixed by `seed`: the first k with a readable image and a caption (its first
+    reference). Smaller k take a prefix of the same draw, so 4 shots are in the 8."""
+    src = sources.TarShardSource(shards)
+    decode = pp.DecodeImage(image_size)
+    shots = []
+    for i in np.random.default_rng(seed).permutation(len(src)):
+        if len(shots) == k:
+            break
+        record = src[int(i)]
+        ex = decode.map(record)
+        if ex is None:
+            continue
+        meta = sources.read_json(record)
+        text = (meta.get("references") or [None])[0] or ex.get("text")
+        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+        if text:
+            shots.append({"key": record["__key__"], "image": ex["image"], "caption": text})
+    if len(shots) < k:
+        raise ValueError(f"evaluate_captioning.num_shots asks for {k} solved examples but {shards} has only "
+                         f"{len(shots)} readable captioned images; lower num_shots or point shots_shards at "
+                         f"a larger split")
+    return shots
+
+
 def generate_captions(model: Any, params: Any, vocab, images: np.ndarray, prompt: str,
                       mesh: jax.sharding.Mesh, batch_size: int = 64, max_len: int | None = None,
-                      **decode_kwargs) -> list[str]:
+                      shots: Sequence[Mapping[str, Any]] = (), **decode_kwargs) -> list[str]:
     """Captions uint8 images [N,H,W,3] on `mesh` (batch-sharded) with any generating model
     family (`model`: a family, its module or config); `decode_kwargs` go to
-    `decoding.make_decoder` (num_beams, min_len, length_penalty, repetition_penalty)."""
+    `decoding.make_decoder` (num_beams, min_len, length_penalty, repetition_penalty).
+    `shots`: solved examples ({'image', 'caption'}, from `load_shots`) shown before every
+    image, for families that caption in context (`can_few_shot`)."""
     fam = registry.family_of(model)
     if not fam.can_generate:
         raise ValueError(f"the {fam.name} model family does not generate captions")
+    if shots and not fam.can_few_shot:
+        raise ValueError(f"the {fam.name} model family does not caption in context; set "
+                         f"evaluate_captioning.num_shots=0")
     shards = partitioning.num_batch_shards(mesh)
     batch_size = max(shards, batch_size // shards * shards)
     prompt_ids = fam.prompt_ids(vocab, prompt)
@@ -79,7 +110,12 @@ def generate_captions(model: Any, params: Any, vocab, images: np.ndarray, prompt
     captions: list[str] = []
     with partitioning.activate(mesh):
         for chunk, n in batching.padded_batches(images, batch_size):
-            inputs = partitioning.host_batch_to_global(fam.decode_inputs(chunk, prompt_ids), mesh)
+            if shots:
+                host = fam.few_shot_inputs(chunk, prompt_ids, np.stack([s["image"] for s in shots]),
+                                           [np.asarray(vocab.encode(s["caption"]), np.int32) for s in shots])
+            else:
+                host = fam.decode_inputs(chunk, prompt_ids)
+            inputs = partitioning.host_batch_to_global(host, mesh)
             tokens = np.asarray(jax.device_get(fn(params, inputs)))
             captions.extend(decoding.tokens_to_text(vocab, row, fam.eos_id, fam.pad_id) for row in tokens[:n])
     return captions
@@ -248,16 +284,18 @@ def write_report(path: str, rows: list[dict[str, Any]], metrics: dict[str, Any],
                  run_info: Mapping[str, Any] | None = None, loss_curve: Sequence[tuple[int, float]] = (),
                  loss_curve_source: str | None = None, step: int | None = None, histogram_bins: int = 20,
                  constant_caption_cider: float | None = None,
-                 links: Sequence[str] = ("captions.json", "metrics.json")) -> str:
+                 links: Sequence[str] = ("captions.json", "metrics.json"),
+                 few_shot: Mapping[int, Mapping[str, float]] | None = None) -> str:
     """HTML page: what was evaluated (`run_info`), summary metrics, links to `links` (files
-    beside the report), the training loss curve (`loss_curve`, with the evaluated `step`
-    marked), a histogram of per-image CIDEr, then one row per image sorted by CIDEr (worst
-    first)."""
+    beside the report), a table of metrics by number of solved examples (`few_shot`: k ->
+    metrics, in-context captioning), the training loss curve (`loss_curve`, with the evaluated
+    `step` marked), a histogram of per-image CIDEr, then one row per image sorted by CIDEr
+    (worst first; a row's 'other_predictions' {label: caption} are listed under its own)."""
     rows = sorted(rows, key=lambda r: r["cider"])
     summary = " · ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, (int, float)))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;margin:2em}td{padding:6px;vertical-align:top;"
-             "border-bottom:1px solid #ddd}img{image-rendering:pixelated}.pred{font-weight:bold}"
+             "border-bottom:1px solid #ddd}img{image-rendering:pixelated}.pred{font-weight:bold}.other{color:#335}"
              ".refs{color:#555}#run-info th{text-align:left;padding-right:1em;font-weight:normal;color:#555}"
              "#run-info td{border:0;padding:2px 6px}svg{display:block;margin:0.5em 0 1.5em}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>"]
@@ -267,6 +305,13 @@ def write_report(path: str, rows: list[dict[str, Any]], metrics: dict[str, Any],
     if links:
         parts.append("<p id='links'>" + " · ".join(f"<a href='{html.escape(h)}'>{html.escape(h)}</a>" for h in links)
                      + "</p>")
+    if few_shot:
+        names = [m for m in next(iter(few_shot.values()))]
+        head = "".join(f"<th>{html.escape(m)}</th>" for m in names)
+        body = "".join("<tr><td>" + str(k) + "</td>" + "".join(f"<td>{few_shot[k].get(m, float('nan')):.2f}</td>"
+                                                             for m in names) + "</tr>" for k in few_shot)
+        parts.append(f"<h2>By number of solved examples in the prompt</h2><table id='few-shot'><tr><th>shots</th>"
+                     f"{head}</tr>{body}</table>")
     parts.append("<h2>Training loss</h2>")
     if loss_curve:
         parts.append(svg_line_chart(loss_curve, element_id="loss-curve", title="training loss by step",
@@ -291,6 +336,8 @@ def write_report(path: str, rows: list[dict[str, Any]], metrics: dict[str, Any],
         refs = "".join(f"<li>{html.escape(x)}</li>" for x in r["references"])
         parts.append(f"<tr><td><img src='data:image/png;base64,{_thumbnail(r['image'])}' width=128></td>"
                      f"<td>{r['cider']:.1f}</td><td><div class='pred'>{html.escape(r['prediction'])}</div>"
+                     + "".join(f"<div class='other'>{html.escape(label)}: {html.escape(text)}</div>"
+                               for label, text in r.get("other_predictions", {}).items()) +
                      f"<ul class='refs'>{refs}</ul><small>{html.escape(str(r['key']))}</small></td></tr>")
     parts.append("</table></body></html>")
     storage.write_text(path, "\n".join(parts))
@@ -318,6 +365,11 @@ def describe_data(shards: str | None, annotations_json: str | None, image_dir: s
     return where + (f", first {max_examples} examples" if max_examples is not None else "")
 
 
+def _metric_summary(result: Mapping[str, Any]) -> dict[str, float]:
+    return {k: result[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "spice")
+            if result.get(k) is not None}
+
+
 def describe_model(model: Any, params: Any) -> str:
     """Family, architecture and parameter count."""
     fam = registry.family_of(model)
@@ -332,7 +384,9 @@ def evaluate_captioning(model: Any, params: Any, vocab, mesh: jax.sharding.Mesh,
                         max_examples: int | None = None, max_decode_len: int | None = None,
                         metrics: Iterable[str] = ("bleu", "rouge_l", "cider"),
                         with_constant_baseline: bool = True, num_beams: int = 1, min_len: int = 0,
-                        length_penalty: float = 1.0, repetition_penalty: float = 1.0, *,
+                        length_penalty: float = 1.0, repetition_penalty: float = 1.0,
+                        num_shots: int | Sequence[int] = 0, shots_shards: str | None = None,
+                        shots_seed: int = 0, *,
                         step: int | None = None, run_info: Mapping[str, Any] | None = None,
                         metrics_jsonl: str | None = None, histogram_bins: int = 20) -> dict[str, Any]:
     """Zero-shot captioning (greedy, or beam search with `num_beams > 1`) on webdataset
@@ -344,7 +398,20 @@ def evaluate_captioning(model: Any, params: Any, vocab, mesh: jax.sharding.Mesh,
     training step), `run_info` (extra "what was evaluated" rows, e.g. {'model config':
     'models/simvlm_base.gin', 'checkpoint': path}; a key equal to a built-in row replaces it)
     and `metrics_jsonl` (the run's WORK_DIR/metrics.jsonl: the training loss curve).
-    `histogram_bins`: bins of the per-image CIDEr histogram."""
+    `histogram_bins`: bins of the per-image CIDEr histogram.
+
+    In-context captioning (families with `can_few_shot`, e.g. Flamingo): `num_shots` k, or
+    several, e.g. (0, 4, 8, 32); each image is captioned after k solved examples drawn from
+    `shots_shards` (the train split) in an order fixed by `shots_seed` (smaller k: a prefix of
+    the same draw). The first k is the headline (metrics, captions.json, per-image rows); the
+    others add `<metric>_<k>shot` metrics, `captions_<k>shot.json` and a k-shot table."""
+    ks = (num_shots,) if isinstance(num_shots, int) else tuple(int(k) for k in num_shots)
+    if not ks or min(ks) < 0 or len(set(ks)) != len(ks):
+        raise ValueError(f"evaluate_captioning.num_shots={num_shots!r}: give a count of solved examples "
+                         f"(0 = zero-shot) or distinct counts, e.g. (0, 4, 8)")
+    if max(ks) and not shots_shards:
+        raise ValueError(f"evaluate_captioning.num_shots={num_shots!r} needs evaluate_captioning.shots_shards: "
+                         f"the train split's tar glob the solved examples are drawn from")
     storage.makedirs(out_dir)
     if annotations_json:
         if not image_dir:
@@ -358,14 +425,24 @@ def evaluate_captioning(model: Any, params: Any, vocab, mesh: jax.sharding.Mesh,
                          "evaluate_captioning.annotations_json + .image_dir (COCO / Karpathy json)")
     examples = load_eval_examples(shards, model.config.image_size, max_examples, source)
     images = np.stack([e["image"] for e in examples])
-    preds = generate_captions(model, params, vocab, images, prompt, mesh, batch_size, max_decode_len,
-                              num_beams=num_beams, min_len=min_len, length_penalty=length_penalty,
-                              repetition_penalty=repetition_penalty)
+    shots = load_shots(shots_shards, model.config.image_size, max(ks), shots_seed) if max(ks) else []
+    preds_by_k = {k: generate_captions(model, params, vocab, images, prompt, mesh, batch_size, max_decode_len,
+                                       shots=shots[:k], num_beams=num_beams, min_len=min_len,
+                                       length_penalty=length_penalty, repetition_penalty=repetition_penalty)
+                  for k in ks}
+    preds = preds_by_k[ks[0]]
     references = {e["key"]: e["references"] for e in examples}
     predictions = {e["key"]: p for e, p in zip(examples, preds)}
     result = caption_metrics.compute_caption_metrics(references, predictions, metrics=tuple(metrics))
-    summary = {k: result[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "spice")
-               if result.get(k) is not None}
+    summary = _metric_summary(result)
+    few_shot = {}
+    if ks != (0,):
+        few_shot[ks[0]] = dict(summary)
+        for k in ks[1:]:
+            by_key = {e["key"]: p for e, p in zip(examples, preds_by_k[k])}
+            few_shot[k] = _metric_summary(caption_metrics.compute_caption_metrics(
+                references, by_key, metrics=tuple(metrics)))
+            summary.update({f"{name}_{k}shot": v for name, v in few_shot[k].items()})
     summary["num_images"] = len(examples)
     if with_constant_baseline:
         caption, score = best_constant_caption(references)
@@ -383,25 +460,35 @@ def evaluate_captioning(model: Any, params: Any, vocab, mesh: jax.sharding.Mesh,
             "best constant caption": (f"{summary['best_constant_caption']!r}: CIDEr-D "
                                       f"{summary['best_constant_caption_cider']:.1f}" if with_constant_baseline
                                       else "not computed (with_constant_baseline=False)"),
+            **({"solved examples (shots)": f"k = {', '.join(map(str, ks))} from {shots_shards} (seed {shots_seed}): "
+                                           + ", ".join(s["key"] for s in shots)} if shots else {}),
             **{str(k): v for k, v in (run_info or {}).items()}}
     out = {"metrics": summary, "tokenizer": result["tokenizer"], "notes": result["notes"], "prompt": prompt,
            "run": {k: v if isinstance(v, (int, float)) else str(v) for k, v in info.items()}}
+    if few_shot:
+        out["few_shot"] = {str(k): m for k, m in few_shot.items()}
     if step is not None:
         out["step"] = int(step)
     if jax.process_index() == 0:
-        storage.write_text(os.path.join(out_dir, "captions.json"), json.dumps(
-            [{"image_id": e["image_id"], "caption": predictions[e["key"]]} for e in examples], indent=1))
+        for k in ks:
+            name = "captions.json" if k == ks[0] else f"captions_{k}shot.json"
+            storage.write_text(os.path.join(out_dir, name), json.dumps(
+                [{"image_id": e["image_id"], "caption": p} for e, p in zip(examples, preds_by_k[k])], indent=1))
         storage.write_text(os.path.join(out_dir, "metrics.json"), json.dumps(out, indent=1))
         rows = [{"key": e["key"], "image": e["image"], "references": e["references"],
-                 "prediction": p, "cider": result["per_image"][e["key"]]["cider"]}
-                for e, p in zip(examples, preds)]
+                 "prediction": p, "cider": result["per_image"][e["key"]]["cider"],
+                 "other_predictions": {f"{k}-shot": preds_by_k[k][i] for k in ks[1:]}}
+                for i, (e, p) in enumerate(zip(examples, preds))]
         at_step = f", step {step}" if step is not None else ""
+        kind = "Zero-shot captioning" if ks == (0,) else f"{ks[0]}-shot captioning"
+        links = ("captions.json", *(f"captions_{k}shot.json" for k in ks[1:]), "metrics.json")
         out["report"] = write_report(
             os.path.join(out_dir, "report.html"), rows,
-            {k: v for k, v in summary.items() if isinstance(v, float)},
-            f"Zero-shot captioning: {fam.name}{at_step} (prompt: {prompt!r})", run_info=info,
+            {k: v for k, v in summary.items() if isinstance(v, float) and "shot" not in k},
+            f"{kind}: {fam.name}{at_step} (prompt: {prompt!r})", run_info=info,
             loss_curve=read_loss_curve(metrics_jsonl), loss_curve_source=metrics_jsonl, step=step,
-            histogram_bins=histogram_bins, constant_caption_cider=summary.get("best_constant_caption_cider"))
+            histogram_bins=histogram_bins, constant_caption_cider=summary.get("best_constant_caption_cider"),
+            links=links, few_shot=few_shot)
     log.info("eval: %s", caption_metrics.format_metrics(result))
     out["samples"] = [{"image": e["image"], "prediction": p, "references": e["references"]}
                       for e, p in list(zip(examples, preds))[:8]]

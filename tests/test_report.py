@@ -155,3 +155,18 @@ def test_nice_ticks_span_the_range_in_round_steps(lo, hi):
     assert len(steps) == 1
     step = steps.pop()
     assert round(step / 10 ** math.floor(math.log10(step)), 6) in (1, 2, 5)
+
+
+def test_report_has_the_few_shot_table_and_each_rows_other_predictions(tmp_path):
+    rows = _rows([1.0, 2.0])
+    rows[0]["other_predictions"] = {"4-shot": "a <red> cube"}
+    few_shot = {0: {"cider": 10.0, "bleu4": 1.5}, 4: {"cider": 42.25, "bleu4": 3.0}}
+    path = evaluate.write_report(str(tmp_path / "r.html"), rows, {"cider": 10.0}, "t", few_shot=few_shot,
+                                 links=("captions.json", "captions_4shot.json", "metrics.json"))
+    text = open(path).read()
+    table = text[text.index("<table id='few-shot'>"):]
+    table = table[:table.index("</table>")]
+    assert "<td>4</td><td>42.25</td><td>3.00</td>" in table and "<td>0</td><td>10.00</td>" in table
+    assert "4-shot: a &lt;red&gt; cube" in text and "captions_4shot.json" in text
+    plain = evaluate.write_report(str(tmp_path / "p.html"), _rows([1.0]), {}, "t")
+    assert "few-shot" not in open(plain).read()

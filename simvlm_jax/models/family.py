@@ -43,6 +43,7 @@ class ModelFamily:
     can_generate: ClassVar[bool] = False
     can_embed: ClassVar[bool] = False
     can_match: ClassVar[bool] = False   # scores image-text pairs (e.g. an ITM head): retrieval re-ranking
+    can_few_shot: ClassVar[bool] = False  # captions with solved examples in its prompt (in-context)
 
     def __init__(self, config: Any = None):
         self.config = self.config_cls() if config is None else config
@@ -187,6 +188,13 @@ class ModelFamily:
 
     def decode_inputs(self, images: np.ndarray, prompt_ids: np.ndarray) -> dict[str, np.ndarray]:
         """The inputs `encode` reads for a batch of images that share one prompt."""
+        raise NotImplementedError
+
+    def few_shot_inputs(self, images: np.ndarray, prompt_ids: np.ndarray, shot_images: np.ndarray,
+                        shot_ids: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """`decode_inputs` for in-context captioning (can_few_shot): each query image [B,H,W,3]
+        follows the same k solved examples, `shot_images` [k,H,W,3] with their captions' ids
+        `shot_ids` (k int arrays, no EOS), each shown after the prompt as the query will be."""
         raise NotImplementedError
 
     def encode(self, params: Any, inputs: Mapping[str, Array]) -> Any:
