@@ -276,6 +276,9 @@ def test_task_arguments_are_checked(tmp_path):
         tasks.interleaved_task(name="t", source="tar", **kw)
     with pytest.raises(ValueError, match="interleaved_task.crop"):
         tasks.interleaved_task(name="t", crop="middle", **kw)
+    with pytest.raises(ValueError, match="register them with interleaved_task"):
+        tasks.image_text_task(name="t", shards={"train": "x"}, image_size=SIZE, max_prefix_len=4, max_target_len=4,
+                              source="interleaved_jsonl", vocabulary=WordVocab())
 
 
 # ----------------------------------------------------------------------------- built-in data
@@ -371,3 +374,14 @@ def test_register_builtin_interleaved_needs_the_prepared_documents(tmp_path):
     with pytest.raises(FileNotFoundError, match="--mode=prepare"):
         tasks.register_builtin_interleaved(str(tmp_path), image_size=SIZE, max_images=2, max_len=8,
                                            media_id=MEDIA, eoc_id=EOC, vocabulary=WordVocab())
+
+
+def test_prepare_adds_the_documents_to_an_existing_data_dir(tmp_path):
+    from simvlm_jax import experiment
+    (tmp_path / "manifest.json").write_text("{}")  # prepared before the interleaved documents existed
+    (tmp_path / "spm.model").write_bytes(b"")
+    experiment.prepare_builtin(str(tmp_path), num_interleaved=3, num_interleaved_validation=1, image_size=16)
+    with open(tmp_path / "interleaved" / "manifest.json", encoding="utf-8") as f:
+        assert json.load(f)["counts"] == {"train": 3, "validation": 1}
+    assert (tmp_path / "manifest.json").read_text() == "{}"  # the rest is left as it was
+    assert len((tmp_path / "interleaved" / "train.jsonl").read_text().splitlines()) == 3

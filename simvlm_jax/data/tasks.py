@@ -45,6 +45,12 @@ def _seqio_source(kind: str, splits: Mapping[str, object], source_kwargs: Mappin
                                 for split, spec in splits.items()})
 
 
+def _refuse_documents(what: str, source: str) -> None:
+    if source in sources.INTERLEAVED_SOURCE_TYPES:
+        raise ValueError(f"{what}: source {source!r} holds interleaved documents; register them with "
+                         f"interleaved_task (Flamingo)")
+
+
 def _image_decoder(crop: str, image_size: int, max_image_pixels: int, crop_scale,
                    what: str = "image_text_task") -> object:
     if crop == "center":
@@ -85,6 +91,7 @@ def image_text_task(name: str = gin.REQUIRED, shards: Mapping[str, object] = gin
     an id just past the tokenizer's pieces). The caption is tokenized once (capped at
     max_prefix_len + max_target_len tokens, as for the PrefixLM split). 0: off.
     """
+    _refuse_documents(f"image_text_task({name!r})", source)
     vocab = vocabulary or tokenizer.get_vocabulary()
     source_ = _seqio_source(source, shards, source_kwargs, f"image_text_task({name!r}).shards")
     masking = []
@@ -119,6 +126,7 @@ def text_task(name: str = gin.REQUIRED, files: Mapping[str, object] = gin.REQUIR
     `source`: 'text' (one document per line, default), 'jsonl' (`source_kwargs={'field': 'text'}`)
     or 'array_record' (records with a 'text' or 'txt' member); `files` maps split -> glob(s).
     """
+    _refuse_documents(f"text_task({name!r})", source)
     vocab = vocabulary or tokenizer.get_vocabulary()
     source_ = _seqio_source(source, files, source_kwargs, f"text_task({name!r}).files")
     return _add_task(seqio.Task(
