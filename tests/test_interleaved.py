@@ -137,7 +137,8 @@ def test_images_past_max_images_are_dropped_with_their_image_token():
 def test_pair_to_document_pads_the_images():
     ex = {"image": np.full((SIZE, SIZE, 3), 7, np.uint8), "has_image": np.int32(1), "text": "a b", "key": "p"}
     doc = pp.PairToDocument(3).map(ex)
-    assert doc["image_mask"].tolist() == [1, 0, 0] and np.all(doc["images"][0] == 7) and np.all(doc["images"][1:] == 0)
+    assert doc["image_mask"].tolist() == [1, 0, 0]
+    assert np.all(doc["images"][0] == 7) and np.all(doc["images"][1:] == 0)
     assert _tokens(doc)["tokens"].tolist() == _padded([MEDIA, 10, 11, EOC, EOS])
 
 
@@ -165,17 +166,20 @@ def test_jsonl_source_reads_obelics_and_mmc4_alike(tmp_path):
     _write_images(tmp_path / "imgs", ["p.jpg", "q.jpg"], jpg[:2])
     absolute = str(tmp_path / "abs.jpg")
     _write_images(tmp_path, ["abs.jpg"], jpg[2:])
-    obelics = {"texts": ["lead", None, "one", None, "two", "more"], "images": [None, "p.jpg", None, absolute, None, None]}
+    obelics = {"texts": ["lead", None, "one", None, "two", "more"],
+               "images": [None, "p.jpg", None, absolute, None, None]}
     mmc4 = {"text_list": ["lead", "one", "two", "more"],
             "image_info": [{"image_name": "p.jpg", "matched_text_index": 1},
                            {"image_name": absolute, "matched_text_index": 2}]}
-    lines = [json.dumps(obelics), json.dumps(mmc4), "not json", json.dumps({"texts": ["a", "b"], "images": [None, "p.jpg"]}),
-             json.dumps({"text_list": ["a"], "image_info": [{"image_name": "p.jpg", "matched_text_index": 3}]}),
-             json.dumps({"caption": "x"})]
+    invalid = [{"texts": ["a", "b"], "images": [None, "p.jpg"]},  # a position with both
+               {"text_list": ["a"], "image_info": [{"image_name": "p.jpg", "matched_text_index": 3}]},
+               {"caption": "x"}]
+    lines = [json.dumps(obelics), json.dumps(mmc4), "not json", *map(json.dumps, invalid)]
     (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
     src = sources.make_source("interleaved_jsonl", str(tmp_path / "docs.jsonl"), image_dir=str(tmp_path / "imgs"))
     assert len(src) == 6
-    want = [("text", "lead"), ("image", jpg[0]), ("text", "one"), ("image", jpg[2]), ("text", "two"), ("text", "more")]
+    want = [("text", "lead"), ("image", jpg[0]), ("text", "one"), ("image", jpg[2]), ("text", "two"),
+            ("text", "more")]
     assert _elements(src[0]) == want and _elements(src[1]) == want
     assert [src[i][sources.ERROR_KEY] for i in range(2, 6)] == ["document_invalid"] * 4
     # Without image_dir, paths are relative to the .jsonl's folder.
@@ -215,7 +219,8 @@ def _bad_image_docs(tmp_path, vocab):
     jpg = _jpegs(3)
     _write_images(tmp_path / "imgs", ["g0.jpg", "g1.jpg", "g2.jpg", "bad.jpg"], [*jpg, jpg[0][:200]])
     docs = [{"texts": [None, "a", None, "b"], "images": ["g0.jpg", None, "g1.jpg", None]},
-            {"texts": [None, "c", None, "d", None, "e"], "images": ["bad.jpg", None, "gone.jpg", None, "g2.jpg", None]},
+            {"texts": [None, "c", None, "d", None, "e"],
+             "images": ["bad.jpg", None, "gone.jpg", None, "g2.jpg", None]},
             {"texts": ["f", None], "images": [None, "gone.jpg"]}]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     return tasks.interleaved_task(name="test_interleaved_bad", shards={"train": str(tmp_path / "docs.jsonl")},
@@ -307,7 +312,8 @@ def test_builtin_documents_are_deterministic_and_well_formed(flamingo_data, tmp_
     with open(os.path.join(root, "interleaved", "train.jsonl"), encoding="utf-8") as f:
         docs = [json.loads(line) for line in f]
     n_images = [sum(i is not None for i in d["images"]) for d in docs]
-    assert len(docs) == 24 and min(n_images) >= 2 and max(n_images) <= 5 and sum(n_images) == manifest["images"]["train"]
+    assert len(docs) == 24 and min(n_images) >= 2 and max(n_images) <= 5
+    assert sum(n_images) == manifest["images"]["train"]
     leading = [d["images"][0] is None for d in docs]
     extra = [any(a is None and b is None for a, b in zip(d["images"], d["images"][1:])) for d in docs]
     assert any(leading) and not all(leading) and any(extra)  # leading texts; texts without image
@@ -325,7 +331,8 @@ def test_builtin_flamingo_mixture_makes_global_batches(flamingo_data, dataset):
                                               eoc_id=eoc, bos_id=None, vocabulary=vocab)
     assert name == "builtin_flamingo"
     mix = seqio.get_mixture_or_task(name)
-    assert {t.name: mix.get_rate(t) for t in mix.tasks} == {"builtin_interleaved": 1.0, "builtin_interleaved_pairs": 1.0}
+    rates = {t.name: mix.get_rate(t) for t in mix.tasks}
+    assert rates == {"builtin_interleaved": 1.0, "builtin_interleaved_pairs": 1.0}
     # Pairs are "<image>caption<|endofchunk|>" EOS.
     pairs = pipeline.task_dataset(seqio.get_mixture_or_task("builtin_interleaved_pairs"), "train", 0,
                                   shuffle=False, repeat=False)
@@ -343,7 +350,8 @@ def test_builtin_flamingo_mixture_makes_global_batches(flamingo_data, dataset):
     assert "".join(captions).replace(" ", "").startswith(vocab.decode([int(t) for t in trained]).replace(" ", ""))
     assert (doc["tokens"] == media).sum() == doc["image_mask"].sum() >= 1
     # The real pipeline, then global arrays over the 8 CPU devices.
-    batch = next(pipeline.make_train_iterator(name, global_batch_size=8, seed=1, num_threads=1, prefetch_buffer_size=2))
+    batch = next(pipeline.make_train_iterator(name, global_batch_size=8, seed=1, num_threads=1,
+                                              prefetch_buffer_size=2))
     mesh = partitioning.make_mesh()
     assert mesh.devices.size == 8
     arrays = partitioning.host_batch_to_global(batch, mesh)

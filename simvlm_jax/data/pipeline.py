@@ -115,8 +115,10 @@ def _features(task: seqio.Task) -> tuple[str, ...] | None:
 
 
 def check_mixable(mixture: seqio.Mixture) -> None:
-    """One batch holds one kind of example: a mixture of tasks with different features (PrefixLM
-    and interleaved, or with and without the MLM features) is an error naming them."""
+    """One batch holds one kind of example: a mixture of tasks whose examples have different
+    features is an error naming them. (seqio itself refuses tasks of other output features, e.g.
+    PrefixLM and interleaved; this catches the rest, e.g. image-text with and without the MLM
+    features.)"""
     by_task = {t.name: _features(t) for t in mixture.tasks}
     if len({tuple(f) for f in by_task.values() if f is not None}) > 1:
         raise ValueError(f"Mixture {mixture.name!r} mixes tasks with different features, which cannot share a "

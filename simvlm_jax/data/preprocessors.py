@@ -6,8 +6,9 @@ interleaved document (Flamingo): DecodeDocumentImages -> InterleavedTokens
 image-text as a 1-image document: DecodeImage -> CleanCaption -> PairToDocument -> InterleavedTokens
 
 A transform that meets bad data returns None (grain drops it) and counts the
-reason with `skip` (only for an example it drops); nothing raises mid-run. The train
-pipeline collects each dropped example's reasons (`collect_skips`) and counts them in
+reason with `skip` (only for an example it drops, or for a part it drops from a kept
+example: an interleaved document's unreadable image); nothing raises mid-run. The train
+pipeline collects each example's reasons (`collect_skips`) and counts them in
 the process that batches, the trainer's, not a grain worker's (see pipeline.py): so
 `SKIPPED` there holds what the trainer logs.
 
@@ -52,7 +53,8 @@ _collector = threading.local()  # .reasons: this thread's list while in `collect
 
 
 def skip(reason: str) -> None:
-    """Counts one example dropped for `reason`, or hands it to this thread's `collect_skips`."""
+    """Counts one example (or an interleaved document's image) dropped for `reason`, or hands it
+    to this thread's `collect_skips`."""
     collected = getattr(_collector, "reasons", None)
     if collected is not None:
         collected.append(reason)
@@ -537,6 +539,11 @@ class MaskedText(grain.transforms.RandomMap):
 # [max_images, size, size, 3], 'image_mask': int32 [max_images]}; image slot i is images[i].
 
 
+def _check_max_images(max_images: int) -> None:
+    if max_images < 1:
+        raise ValueError(f"interleaved_task.max_images={max_images!r} must be >= 1 (image slots per example)")
+
+
 @dataclasses.dataclass
 class DecodeDocumentImages(grain.transforms.Map):
     """An interleaved document's images -> 'images' uint8 [max_images, size, size, 3] (all-zero
@@ -556,8 +563,7 @@ class DecodeDocumentImages(grain.transforms.Map):
     fast: bool = True
 
     def __post_init__(self):
-        if self.max_images < 1:
-            raise ValueError(f"interleaved_task.max_images={self.max_images!r} must be >= 1 (images per document)")
+        _check_max_images(self.max_images)
         self._decoder = DecodeImage(self.image_size, self.max_image_pixels, self.formats, self.fast)
 
     def map(self, record: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -618,6 +624,9 @@ class PairToDocument(grain.transforms.Map):
     feeds an interleaved task as open_flamingo's LAION pairs do."""
     max_images: int
 
+    def __post_init__(self):
+        _check_max_images(self.max_images)
+
     def map(self, ex: dict[str, Any] | None) -> dict[str, Any] | None:
         if ex is None:
             return None
@@ -630,9 +639,9 @@ class PairToDocument(grain.transforms.Map):
                 "images": images, "image_mask": mask}
 
 
-# A SentencePiece piece is at most 16 characters: a text cut after this many characters per token
-# still free keeps every token that fits in max_len (only its cut last word may tokenize
-# differently, past max_len). Bounds the tokenizing time of a huge text.
+# A text is cut to this many characters per token still free before tokenizing: bounds the time a
+# huge text takes. SentencePiece pieces are at most 16 characters (its default), so the tokens that
+# fit in max_len are the uncut text's, except where one word runs across the cut.
 _CHARS_PER_TOKEN = 64
 
 
@@ -640,11 +649,14 @@ _CHARS_PER_TOKEN = 64
 class InterleavedTokens(grain.transforms.Map):
     """A decoded document -> 'tokens' and 'loss_mask', int32 [max_len] (Flamingo's text).
 
-    Layout, as open_flamingo builds its MMC4 / LAION text (open_flamingo/train/data.py):
-    [bos_id, if not None] then each element in order: an image -> `media_id` (<image>), a text ->
-    its ids; an image's chunk ends with `eoc_id` (<|endofchunk|>) after the one text right after
-    it (right after the image if no text follows it); `eos` last. Then padded with 0 (PAD_ID)
-    or cut to max_len (the cut may take the EOS). A pair is "<image>caption<|endofchunk|>" EOS.
+    Layout: [bos_id, if not None] then each element in order: an image -> `media_id` (<image>),
+    a text -> its ids; an image's chunk ends with `eoc_id` (<|endofchunk|>) after the one text
+    right after it (right after the image if no text follows it); EOS last. Then padded with 0
+    (PAD_ID) or cut to max_len (the cut may take the EOS). A pair is "<image>caption<|endofchunk|>"
+    EOS, as open_flamingo's LAION text (open_flamingo/train/data.py, preprocess_laion_text); a
+    document "<image>text<|endofchunk|><image>text<|endofchunk|>" EOS as its MMC4 text
+    (preprocess_interleaved), except that there a chunk runs on to the next <image>, taking in the
+    texts after an image's own, while here those come after the <|endofchunk|>.
     Texts are whitespace-collapsed (empty ones dropped); their ids never include media_id or
     eoc_id (a literal "<image>" in a text cannot make an image slot).
 
@@ -722,7 +734,7 @@ class InterleavedTokens(grain.transforms.Map):
         if ex is None:
             return None
         tokens, targets = self.layout(ex["elements"])
-        tokens, loss_mask = pad_to(np.asarray(tokens, np.int32), self.max_len), pad_to(np.asarray(targets), self.max_len)
+        tokens, loss_mask = pad_to(np.asarray(tokens), self.max_len), pad_to(np.asarray(targets), self.max_len)
         if not loss_mask.any():
             skip("document_no_target")
             return None

@@ -809,7 +809,7 @@ def document_elements(doc: Any) -> list[tuple[str, str]]:
         return out
     if "text_list" in doc:
         texts, infos = doc["text_list"], doc.get("image_info") or []
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts) or not isinstance(infos, list):
+        if not (isinstance(texts, list) and all(isinstance(t, str) for t in texts) and isinstance(infos, list)):
             raise ValueError("'text_list' must be a list of strings and 'image_info' a list")
         before: dict[int, list[str]] = collections.defaultdict(list)
         for info in infos:
