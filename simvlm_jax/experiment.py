@@ -29,14 +29,21 @@ def path_join(base: str = gin.REQUIRED, path: str = gin.REQUIRED) -> str:
 @gin.configurable
 def prepare_builtin(data_dir: str = gin.REQUIRED, seed: int = 0, num_train: int = 8000,
                     num_heldout: int = 500, num_text: int = 20000, image_size: int = 64,
-                    vocab_size: int = 256, vocab_path: str | None = None) -> dict[str, Any]:
-    """Writes the built-in synthetic shards and trains the SentencePiece model on the
-    text corpus + training captions. Skips whatever already exists."""
+                    vocab_size: int = 256, vocab_path: str | None = None, num_interleaved: int = 200,
+                    num_interleaved_validation: int = 40) -> dict[str, Any]:
+    """Writes the built-in synthetic shards, the interleaved documents (Flamingo; 0 + 0: none)
+    and trains the SentencePiece model on the text corpus + training captions. Skips whatever
+    already exists (a data dir from before the interleaved documents gains them)."""
     manifest_path = os.path.join(data_dir, "manifest.json")
     if not os.path.exists(manifest_path):
         log.info("Generating built-in data in %s", data_dir)
         synthetic.generate(data_dir, seed=seed, num_train=num_train, num_heldout=num_heldout,
                            num_text=num_text, image_size=image_size)
+    if (num_interleaved or num_interleaved_validation) and \
+            not os.path.exists(os.path.join(data_dir, "interleaved", "manifest.json")):
+        log.info("Generating built-in interleaved documents in %s", data_dir)
+        synthetic.generate_interleaved(data_dir, seed=seed, num_train=num_interleaved,
+                                       num_validation=num_interleaved_validation, image_size=image_size)
     vocab_path = vocab_path or os.path.join(data_dir, "spm.model")
     if not os.path.exists(vocab_path):
         texts = []

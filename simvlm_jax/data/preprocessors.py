@@ -2,10 +2,13 @@
 
 image-text: DecodeImage -> CleanCaption -> Tokenize [-> MaskedText] -> PrefixLMSplit
 text-only:  LineToText -> CleanCaption -> Tokenize -> PrefixLMSplit(text_only) -> AddBlankImage
+interleaved document (Flamingo): DecodeDocumentImages -> InterleavedTokens
+image-text as a 1-image document: DecodeImage -> CleanCaption -> PairToDocument -> InterleavedTokens
 
 A transform that meets bad data returns None (grain drops it) and counts the
-reason with `skip` (only for an example it drops); nothing raises mid-run. The train
-pipeline collects each dropped example's reasons (`collect_skips`) and counts them in
+reason with `skip` (only for an example it drops, or for a part it drops from a kept
+example: an interleaved document's unreadable image); nothing raises mid-run. The train
+pipeline collects each example's reasons (`collect_skips`) and counts them in
 the process that batches, the trainer's, not a grain worker's (see pipeline.py): so
 `SKIPPED` there holds what the trainer logs.
 
@@ -50,7 +53,8 @@ _collector = threading.local()  # .reasons: this thread's list while in `collect
 
 
 def skip(reason: str) -> None:
-    """Counts one example dropped for `reason`, or hands it to this thread's `collect_skips`."""
+    """Counts one example (or an interleaved document's image) dropped for `reason`, or hands it
+    to this thread's `collect_skips`."""
     collected = getattr(_collector, "reasons", None)
     if collected is not None:
         collected.append(reason)
@@ -288,18 +292,23 @@ class DecodeImage(grain.transforms.Map):
     def map(self, record: dict[str, Any]) -> dict[str, Any] | None:
         return self._decode(record, lambda img: resize_center_crop(img, self.image_size, self.fast))
 
+    def decode_bytes(self, data: bytes, crop) -> np.ndarray:
+        """One image's bytes -> `crop(decoded image)`, or raises BadImage(reason) (any other
+        failure is an 'image_decode_error'). Shared with `DecodeDocumentImages`."""
+        try:
+            return crop(_decode_any(data, self.max_image_pixels, tuple(self.formats), self.image_size, self.fast))
+        except BadImage:
+            raise
+        except Exception:  # pylint: disable=broad-except
+            raise BadImage("image_decode_error") from None
+
     def _decode(self, record: dict[str, Any] | None, crop) -> dict[str, Any] | None:
         if record is None or record_error(record):
             return None
         try:
-            img = _decode_any(find_image(record), self.max_image_pixels, tuple(self.formats),
-                              self.image_size, self.fast)
-            image = crop(img)
+            image = self.decode_bytes(find_image(record), crop)
         except BadImage as e:
             skip(e.reason)
-            return None
-        except Exception:  # pylint: disable=broad-except
-            skip("image_decode_error")
             return None
         caption = record.get("txt")
         if caption is None:
@@ -523,14 +532,231 @@ class MaskedText(grain.transforms.RandomMap):
         return {**ex, "text_tokens": text, "mlm_tokens": mlm, "mlm_labels": labels}
 
 
+# ----------------------------------------------------------------------------- interleaved documents
+
+# A decoded document (the output of DecodeDocumentImages / PairToDocument, the input of
+# InterleavedTokens): {'key', 'elements': [('text', str) | ('image', slot)], 'images': uint8
+# [max_images, size, size, 3], 'image_mask': int32 [max_images]}; image slot i is images[i].
+
+
+def _check_max_images(max_images: int) -> None:
+    if max_images < 1:
+        raise ValueError(f"interleaved_task.max_images={max_images!r} must be >= 1 (image slots per example)")
+
+
+@dataclasses.dataclass
+class DecodeDocumentImages(grain.transforms.Map):
+    """An interleaved document's images -> 'images' uint8 [max_images, size, size, 3] (all-zero
+    padding slots) + 'image_mask' int32 [max_images], center-cropped as `DecodeImage`.
+
+    Reads a document record of the interleaved sources ({'elements': [('text', str) |
+    ('image', bytes) | ('image_error', reason)]}). Images are decoded in document order until
+    `max_images` are kept; later ones are dropped with their place in the text, as open_flamingo
+    keeps the first max_num_images. An image that cannot be read or decoded is dropped likewise
+    and counted under its reason (DecodeImage's: 'image_decode_error', ...; one count per image,
+    the document is kept). A document left with no image is skipped as 'document_no_image'.
+    """
+    image_size: int
+    max_images: int
+    max_image_pixels: int = 50_000_000
+    formats: tuple[str, ...] = SUPPORTED_FORMATS
+    fast: bool = True
+
+    def __post_init__(self):
+        _check_max_images(self.max_images)
+        self._decoder = DecodeImage(self.image_size, self.max_image_pixels, self.formats, self.fast)
+
+    def map(self, record: dict[str, Any] | None) -> dict[str, Any] | None:
+        return self._decode(record, lambda img: resize_center_crop(img, self.image_size, self.fast))
+
+    def _decode(self, record: dict[str, Any] | None, crop) -> dict[str, Any] | None:
+        if record is None or record_error(record):
+            return None
+        size = self.image_size
+        images = np.zeros((self.max_images, size, size, 3), np.uint8)
+        mask = np.zeros((self.max_images,), np.int32)
+        elements, n = [], 0
+        for kind, value in record.get("elements", ()):
+            if kind == "text":
+                elements.append(("text", value))
+                continue
+            if n == self.max_images:
+                continue  # past max_images: dropped unread, with its <image> place
+            try:
+                if kind != "image":  # the source could not read it ('image_error', reason)
+                    raise BadImage(str(value))
+                images[n] = self._decoder.decode_bytes(value, crop)
+            except BadImage as e:
+                skip(e.reason)
+                continue
+            elements.append(("image", n))
+            mask[n] = 1
+            n += 1
+        if n == 0:
+            skip("document_no_image")
+            return None
+        return {"key": record.get("__key__", ""), "elements": elements, "images": images, "image_mask": mask}
+
+
+@dataclasses.dataclass
+class DecodeDocumentImagesRandomCrop(grain.transforms.RandomMap):
+    """`DecodeDocumentImages` with `DecodeImageRandomCrop`'s random resized crop, one per image."""
+    image_size: int
+    max_images: int
+    max_image_pixels: int = 50_000_000
+    formats: tuple[str, ...] = SUPPORTED_FORMATS
+    scale: tuple[float, float] = (0.5, 1.0)
+    fast: bool = True
+
+    def __post_init__(self):
+        self._decoder = DecodeDocumentImages(self.image_size, self.max_images, self.max_image_pixels,
+                                             self.formats, self.fast)
+
+    def random_map(self, record: dict[str, Any] | None, rng: np.random.Generator):
+        return self._decoder._decode(record, lambda img: random_resized_crop(  # pylint: disable=protected-access
+            img, self.image_size, rng, tuple(self.scale), fast=self.fast))
+
+
+@dataclasses.dataclass
+class PairToDocument(grain.transforms.Map):
+    """An image-text example (after DecodeImage + CleanCaption) -> the 1-image document
+    "<image>caption" (InterleavedTokens adds <|endofchunk|> and EOS), so every image-text source
+    feeds an interleaved task as open_flamingo's LAION pairs do."""
+    max_images: int
+
+    def __post_init__(self):
+        _check_max_images(self.max_images)
+
+    def map(self, ex: dict[str, Any] | None) -> dict[str, Any] | None:
+        if ex is None:
+            return None
+        image = ex["image"]
+        images = np.zeros((self.max_images,) + image.shape, np.uint8)
+        images[0] = image
+        mask = np.zeros((self.max_images,), np.int32)
+        mask[0] = 1
+        return {"key": ex.get("key", ""), "elements": [("image", 0), ("text", ex["text"])],
+                "images": images, "image_mask": mask}
+
+
+# A text is cut to this many characters per token still free before tokenizing: bounds the time a
+# huge text takes. SentencePiece pieces are at most 16 characters (its default), so the tokens that
+# fit in max_len are the uncut text's, except where one word runs across the cut.
+_CHARS_PER_TOKEN = 64
+
+
+@dataclasses.dataclass
+class InterleavedTokens(grain.transforms.Map):
+    """A decoded document -> 'tokens' and 'loss_mask', int32 [max_len] (Flamingo's text).
+
+    Layout: [bos_id, if not None] then each element in order: an image -> `media_id` (<image>),
+    a text -> its ids; an image's chunk ends with `eoc_id` (<|endofchunk|>) after the one text
+    right after it (right after the image if no text follows it); EOS last. Then padded with 0
+    (PAD_ID) or cut to max_len (the cut may take the EOS). A pair is "<image>caption<|endofchunk|>"
+    EOS, as open_flamingo's LAION text (open_flamingo/train/data.py, preprocess_laion_text); a
+    document "<image>text<|endofchunk|><image>text<|endofchunk|>" EOS as its MMC4 text
+    (preprocess_interleaved), except that there a chunk runs on to the next <image>, taking in the
+    texts after an image's own, while here those come after the <|endofchunk|>.
+    Texts are whitespace-collapsed (empty ones dropped); their ids never include media_id or
+    eoc_id (a literal "<image>" in a text cannot make an image slot).
+
+    loss_mask[t] = 1 where tokens[t] is a target (predicted from the positions before t),
+    following open_flamingo's MMC4 labels (open_flamingo/train/train_utils.py, train_one_epoch):
+    not padding, not <image>, not BOS, nothing before the first <image>, and no text between an
+    <|endofchunk|> and the next <image> (the MMC4 rule: a leading text, or a text that is not the
+    one right after an image, is context only). <|endofchunk|> and EOS are targets (the EOS also
+    after the last chunk, as in open_flamingo's LAION labels; its MMC4 loop masks that one).
+
+    Images keep the invariant sum(image_mask) == count(tokens == media_id): the i-th <image> is
+    images[i], and an image whose <image> the cut to max_len took is zeroed and masked (0). A
+    document with no target within max_len (e.g. a leading text filling it) is skipped as
+    'document_no_target'.
+    """
+    vocabulary: Any
+    max_len: int
+    media_id: int
+    eoc_id: int
+    bos_id: int | None = None
+
+    def __post_init__(self):
+        eos = self.vocabulary.eos_id
+        ids = {"media_id": self.media_id, "eoc_id": self.eoc_id}
+        if self.bos_id is not None:
+            ids["bos_id"] = self.bos_id
+        if len(set(ids.values())) < len(ids) or {PAD_ID, eos} & set(ids.values()):
+            raise ValueError(f"interleaved_task: {ids} must be distinct ids other than pad ({PAD_ID}) and EOS "
+                             f"({eos}); e.g. media_id = the tokenizer size ({self.vocabulary.vocab_size}), "
+                             f"eoc_id = media_id + 1 (new tokens past its pieces)")
+        if self.max_len < 2:
+            raise ValueError(f"interleaved_task.max_len={self.max_len!r} must be >= 2 (an <image> and a target)")
+
+    def _text_ids(self, text: str, room: int) -> list[int]:
+        ids = self.vocabulary.encode(text[: _CHARS_PER_TOKEN * (room + 1)])
+        return [int(i) for i in ids if i != self.media_id and i != self.eoc_id]
+
+    def layout(self, elements) -> tuple[list[int], list[int]]:
+        """(token ids, 1 where a target) of the whole document, stopping once past max_len."""
+        tokens: list[int] = []
+        targets: list[int] = []
+
+        def add(ids: list[int], target: bool) -> None:
+            tokens.extend(ids)
+            targets.extend([int(target)] * len(ids))
+
+        if self.bos_id is not None:
+            add([self.bos_id], False)
+        in_chunk = False  # after an <image>, before its <|endofchunk|>
+        for kind, value in elements:
+            if len(tokens) > self.max_len:
+                break  # the rest is cut anyway
+            if kind == "image":
+                if in_chunk:  # the previous image had no text of its own
+                    add([self.eoc_id], True)
+                add([self.media_id], False)
+                in_chunk = True
+                continue
+            text = _SPACES.sub(" ", value or "").strip()
+            if not text:
+                continue
+            ids = self._text_ids(text, self.max_len - len(tokens))
+            if in_chunk:  # the image's own text, then the end of its chunk
+                add(ids, True)
+                add([self.eoc_id], True)
+                in_chunk = False
+            else:  # before the first image, or after an <|endofchunk|>: context, not a target
+                add(ids, False)
+        if in_chunk:
+            add([self.eoc_id], True)
+        add([self.vocabulary.eos_id], True)
+        return tokens, targets
+
+    def map(self, ex: dict[str, Any] | None) -> dict[str, Any] | None:
+        if ex is None:
+            return None
+        tokens, targets = self.layout(ex["elements"])
+        tokens, loss_mask = pad_to(np.asarray(tokens), self.max_len), pad_to(np.asarray(targets), self.max_len)
+        if not loss_mask.any():
+            skip("document_no_target")
+            return None
+        kept = int(np.sum(tokens == self.media_id))  # images whose <image> survived the cut
+        images, image_mask = ex["images"], ex["image_mask"]
+        if kept < int(image_mask.sum()):
+            images, image_mask = images.copy(), image_mask.copy()
+            images[kept:] = 0
+            image_mask[kept:] = 0
+        out = {k: v for k, v in ex.items() if k != "elements"}
+        return {**out, "images": images, "image_mask": image_mask, "tokens": tokens, "loss_mask": loss_mask}
+
+
 MODEL_FEATURES = ("image", "has_image", "prefix_tokens", "target_tokens")
 MLM_FEATURES = ("text_tokens", "mlm_tokens", "mlm_labels")  # MaskedText's (mPLUG's text encoder / MLM)
+INTERLEAVED_FEATURES = ("images", "image_mask", "tokens", "loss_mask")  # interleaved_task's (Flamingo)
 
 
 @dataclasses.dataclass
 class SelectFeatures(grain.transforms.Map):
     """Keeps only the model's input features (drops keys, raw text); tasks that add
-    `MaskedText` keep `MODEL_FEATURES + MLM_FEATURES`."""
+    `MaskedText` keep `MODEL_FEATURES + MLM_FEATURES`, interleaved tasks `INTERLEAVED_FEATURES`."""
     features: tuple[str, ...] = MODEL_FEATURES
 
     def map(self, ex: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -19,6 +19,8 @@ and/or JSON metadata under 'json' (with 'caption', maybe 'references'), and a
 * `CocoCaptionsSource`: COCO captions JSON or Karpathy's `dataset_coco.json` +
   an image directory; one record per image with every reference caption.
 * `TextLineSource` / `JsonlTextSource`: text-only corpora (one document per line).
+* `InterleavedJsonlSource` / `InterleavedTarSource`: interleaved image-text documents
+  (OBELICS / MMC4 JSON, see `document_elements`) for Flamingo: {'__key__', 'elements'}.
 
 A sample that cannot be read at read time (its shard disappeared, a truncated
 tar member, a missing image file) is returned as `{'__key__', '__error__': reason}`;
@@ -780,6 +782,113 @@ class CocoCaptionsSource(_Picklable):
         return f"CocoCaptionsSource({self.annotations_json!r}, {len(self)} images)"
 
 
+# ----------------------------------------------------------------------------- interleaved documents
+
+def document_elements(doc: Any) -> list[tuple[str, str]]:
+    """An interleaved document's elements in order, [('text', str) | ('image', reference)], from
+    either layout:
+
+    * OBELICS: {'texts': [str | null, ...], 'images': [ref | null, ...]}, parallel lists with
+      exactly one of the two set at each position.
+    * MMC4: {'text_list': [str, ...], 'image_info': [{'image_name': ref, 'matched_text_index': i},
+      ...]}; each image is placed before its matched sentence (several in image_info order).
+
+    Raises ValueError for anything else (the record is then skipped as 'document_invalid').
+    """
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    if "texts" in doc or "images" in doc:
+        texts, images = doc.get("texts"), doc.get("images")
+        if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
+            raise ValueError("'texts' and 'images' must be lists of one length")
+        out = []
+        for text, image in zip(texts, images):
+            if (text is None) == (image is None) or not isinstance(text if image is None else image, str):
+                raise ValueError("each position needs exactly one of a text and an image (strings)")
+            out.append(("text", text) if image is None else ("image", image))
+        return out
+    if "text_list" in doc:
+        texts, infos = doc["text_list"], doc.get("image_info") or []
+        if not (isinstance(texts, list) and all(isinstance(t, str) for t in texts) and isinstance(infos, list)):
+            raise ValueError("'text_list' must be a list of strings and 'image_info' a list")
+        before: dict[int, list[str]] = collections.defaultdict(list)
+        for info in infos:
+            name = info.get("image_name") if isinstance(info, dict) else None
+            index = info.get("matched_text_index") if isinstance(info, dict) else None
+            if not isinstance(name, str) or not isinstance(index, int) or not 0 <= index < len(texts):
+                raise ValueError("each image_info needs an 'image_name' and a valid 'matched_text_index'")
+            before[index].append(name)
+        return [e for i, text in enumerate(texts) for e in [*(("image", n) for n in before[i]), ("text", text)]]
+    raise ValueError("neither OBELICS ('texts', 'images') nor MMC4 ('text_list', 'image_info') keys")
+
+
+class InterleavedJsonlSource(TextLineSource):
+    """Interleaved image-text documents, one JSON object per line (`document_elements`' layouts).
+
+    Image references are paths relative to `image_dir` (default: the .jsonl file's directory),
+    absolute, or URLs. Returns {'__key__', 'elements': [('text', str) | ('image', bytes) |
+    ('image_error', reason)]}: an image file that is missing or unreadable stays in place as
+    ('image_error', 'image_file_missing' | 'image_file_unreadable'), for `DecodeDocumentImages`
+    to count and drop. A line that is not such a document is skipped as 'document_invalid'.
+    """
+
+    def __init__(self, paths: str | Sequence[str], image_dir: str | None = None):
+        super().__init__(paths)
+        if image_dir is not None and not is_dir(image_dir):
+            raise FileNotFoundError(f"interleaved_jsonl image_dir not found: {image_dir!r}. Set it (gin: "
+                                    f"source_kwargs={{'image_dir': '...'}}) to the folder the documents' "
+                                    f"image paths are relative to.")
+        self.image_dir = image_dir
+
+    def _image(self, ref: str, base: str) -> tuple[str, Any]:
+        path = ref if is_remote(ref) or os.path.isabs(ref) else os.path.join(base, ref)
+        try:
+            return "image", read_file(path)
+        except FileNotFoundError:
+            return "image_error", "image_file_missing"
+        except OSError:
+            return "image_error", "image_file_unreadable"
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        key, line = self._line(index)
+        if isinstance(line, dict):
+            return line
+        try:
+            elements = document_elements(json.loads(line))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return error_record(key, "document_invalid")
+        base = self.image_dir if self.image_dir is not None else os.path.dirname(self.paths[self._file[index]])
+        return {"__key__": key, "elements": [e if e[0] == "text" else self._image(e[1], base) for e in elements]}
+
+
+class InterleavedTarSource(TarShardSource):
+    """Interleaved documents in webdataset tar shards: each sample's .json is a document
+    (`document_elements`' layouts) whose image references name members of the same sample, by
+    their full name ('doc7.0.jpg') or the part after the sample key ('0.jpg'). Records as
+    `InterleavedJsonlSource`'s; a named member that is absent is ('image_error', 'missing_image').
+    """
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = super().__getitem__(index)
+        if ERROR_KEY in record:
+            return record
+        key = record["__key__"]
+        try:
+            elements = document_elements(json.loads(record.get("json") or b""))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return {**error_record(key, "document_invalid"), "__shard__": record["__shard__"]}
+        prefix = os.path.basename(key).lower() + "."
+
+        def image(ref: str) -> tuple[str, Any]:
+            name = ref.lower()  # index_tar lowercases member extensions
+            name = name[len(prefix):] if name.startswith(prefix) else name
+            data = record.get(name) if not name.startswith("__") else None
+            return ("image", data) if isinstance(data, bytes) and data else ("image_error", "missing_image")
+
+        return {"__key__": key, "__shard__": record["__shard__"],
+                "elements": [e if e[0] == "text" else image(e[1]) for e in elements]}
+
+
 # ----------------------------------------------------------------------------- registry
 
 # kind -> (constructor, name of the argument that the per-split spec fills)
@@ -791,7 +900,10 @@ SOURCE_TYPES: dict[str, tuple[Callable[..., Any], str]] = {
     "coco": (CocoCaptionsSource, "annotations_json"),
     "text": (TextLineSource, "paths"),
     "jsonl": (JsonlTextSource, "paths"),
+    "interleaved_jsonl": (InterleavedJsonlSource, "paths"),
+    "interleaved_tar": (InterleavedTarSource, "paths"),
 }
+INTERLEAVED_SOURCE_TYPES = ("interleaved_jsonl", "interleaved_tar")  # documents; the rest hold pairs or text
 
 
 def make_source(kind: str, spec: Any, **kwargs):

@@ -12,6 +12,11 @@ Output is webdataset / img2dataset style (tar shards of ``{key}.jpg``,
 byte-identical for the same seed. Sample ``i`` of a split depends only on
 ``(seed, split, i)``, never on the requested counts.
 
+``generate_interleaved`` adds interleaved image-text documents (Flamingo) in
+``interleaved/``: OBELICS-style JSON lines + the images they name, documents of
+2-5 scenes each followed by its caption (train scenes; held-out ones for the
+validation split), same determinism (document ``i`` depends on ``(seed, split, i)``).
+
 Object coordinates in the metadata (``x``, ``y``, bounding radius ``r``) are
 fractions of the image side; ``y`` grows downwards, so "above" means smaller y.
 """
@@ -66,7 +71,7 @@ HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
 ALL_PAIRS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)
 TRAIN_PAIRS: tuple[tuple[str, str], ...] = tuple(p for p in ALL_PAIRS if p not in HELDOUT_PAIRS)
 
-SPLIT_IDS = {"train": 0, "heldout": 1, "text": 2}
+SPLIT_IDS = {"train": 0, "heldout": 1, "text": 2, "interleaved_train": 3, "interleaved_validation": 4}
 P_SINGLE = 0.35           # probability of a one-object scene
 MARGIN = 0.02             # min distance of an object's bounding circle to the border
 GAP = 0.06                # min gap between the bounding circles of two objects
@@ -370,6 +375,72 @@ def generate(out_dir: str, seed: int = 0, num_train: int = 8000, num_heldout: in
     return manifest
 
 
+# ----------------------------------------------------------------------------- interleaved documents
+
+INTERLEAVED_SPLITS = ("train", "validation")  # validation documents show held-out scenes
+P_LEADING_TEXT = 0.4  # documents that open with a text before their first image
+P_EXTRA_TEXT = 0.3    # images whose caption is followed by a second text (no image of its own)
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+
+
+def make_document(seed: int, split: str, index: int, image_size: int = 64) -> tuple[dict, list[bytes]]:
+    """(OBELICS-style document {'key', 'texts', 'images'}, the JPEG bytes of its images in order)
+    of document `index` of `split` ('train' or 'validation'): 2-5 scenes, each image followed by
+    its caption; some documents open with a text, some captions are followed by a text about the
+    scene. Image references are '<split>/<index>-<k>.jpg' (relative to the images directory)."""
+    rng = sample_rng(seed, f"interleaved_{split}", index)
+    n = int(rng.integers(2, 6))
+    texts: list[str | None] = []
+    images: list[str | None] = []
+    jpegs = []
+    if rng.random() < P_LEADING_TEXT:
+        texts.append(f"here are {NUMBER_WORDS[n]} pictures of shapes.")
+        images.append(None)
+    for k in range(n):
+        scene = sample_scene(rng, heldout=(split == "validation"))
+        buf = io.BytesIO()
+        render_scene(scene, image_size, rng).save(buf, format="JPEG", quality=90, subsampling=0)
+        jpegs.append(buf.getvalue())
+        texts.append(None)
+        images.append(f"{split}/{index:06d}-{k}.jpg")
+        texts.append(caption(scene, rng))
+        images.append(None)
+        if rng.random() < P_EXTRA_TEXT:
+            texts.append(text_document(scene, rng))
+            images.append(None)
+    return {"key": f"{index:06d}", "texts": texts, "images": images}, jpegs
+
+
+def generate_interleaved(out_dir: str, seed: int = 0, num_train: int = 200, num_validation: int = 40,
+                         image_size: int = 64) -> dict:
+    """Writes out_dir/interleaved/{train,validation}.jsonl, the images under
+    out_dir/interleaved/images/<split>/ and interleaved/manifest.json; returns the manifest."""
+    root = os.path.join(out_dir, "interleaved")
+    counts = {"train": num_train, "validation": num_validation}
+    num_images = {}
+    for split in INTERLEAVED_SPLITS:
+        image_dir = os.path.join(root, "images", split)
+        os.makedirs(image_dir, exist_ok=True)
+        _clean(image_dir, "")
+        lines, num_images[split] = [], 0
+        for i in range(counts[split]):
+            doc, jpegs = make_document(seed, split, i, image_size)
+            for ref, data in zip([r for r in doc["images"] if r], jpegs):
+                with open(os.path.join(root, "images", ref), "wb") as f:
+                    f.write(data)
+            num_images[split] += len(jpegs)
+            lines.append(json.dumps(doc) + "\n")
+        with open(os.path.join(root, f"{split}.jsonl"), "w", encoding="utf-8", newline="\n") as f:
+            f.writelines(lines)
+    manifest = {"generator": "simvlm_jax.data.synthetic", "version": VERSION, "seed": seed,
+                "image_size": image_size, "counts": counts, "images": num_images,
+                "files": {split: f"{split}.jsonl" for split in INTERLEAVED_SPLITS}, "image_dir": "images"}
+    with open(os.path.join(root, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    return manifest
+
+
 def read_shard(path: str) -> Iterator[dict]:
     """Yield {"key", "jpg" (bytes), "txt" (str), "json" (dict)} per sample of a tar shard."""
     sample: dict = {}
@@ -397,12 +468,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num_text", type=int, default=20000)
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--samples_per_shard", type=int, default=1000)
+    p.add_argument("--num_interleaved", type=int, default=200, help="interleaved train documents (0: none)")
+    p.add_argument("--num_interleaved_validation", type=int, default=40)
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     m = generate(a.out_dir, a.seed, a.num_train, a.num_heldout, a.num_text, a.image_size, a.samples_per_shard)
     c = m["counts"]
+    docs = ""
+    if a.num_interleaved or a.num_interleaved_validation:
+        generate_interleaved(a.out_dir, a.seed, a.num_interleaved, a.num_interleaved_validation, a.image_size)
+        docs = f", {a.num_interleaved} + {a.num_interleaved_validation} interleaved documents"
     print(f"wrote {c['train']} train / {c['heldout']} heldout images ({a.image_size}px) and {c['text']} "
-          f"text docs to {a.out_dir} in {time.perf_counter() - t0:.1f}s (seed {a.seed})")
+          f"text docs{docs} to {a.out_dir} in {time.perf_counter() - t0:.1f}s (seed {a.seed})")
 
 
 if __name__ == "__main__":

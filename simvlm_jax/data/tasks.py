@@ -45,12 +45,19 @@ def _seqio_source(kind: str, splits: Mapping[str, object], source_kwargs: Mappin
                                 for split, spec in splits.items()})
 
 
-def _image_decoder(crop: str, image_size: int, max_image_pixels: int, crop_scale) -> object:
+def _refuse_documents(what: str, source: str) -> None:
+    if source in sources.INTERLEAVED_SOURCE_TYPES:
+        raise ValueError(f"{what}: source {source!r} holds interleaved documents; register them with "
+                         f"interleaved_task (Flamingo)")
+
+
+def _image_decoder(crop: str, image_size: int, max_image_pixels: int, crop_scale,
+                   what: str = "image_text_task") -> object:
     if crop == "center":
         return pp.DecodeImage(image_size, max_image_pixels)
     if crop == "random":
         return pp.DecodeImageRandomCrop(image_size, max_image_pixels, scale=tuple(crop_scale))
-    raise ValueError(f"image_text_task.crop={crop!r}; use 'center' or 'random'")
+    raise ValueError(f"{what}.crop={crop!r}; use 'center' or 'random'")
 
 
 @gin.configurable
@@ -84,6 +91,7 @@ def image_text_task(name: str = gin.REQUIRED, shards: Mapping[str, object] = gin
     an id just past the tokenizer's pieces). The caption is tokenized once (capped at
     max_prefix_len + max_target_len tokens, as for the PrefixLM split). 0: off.
     """
+    _refuse_documents(f"image_text_task({name!r})", source)
     vocab = vocabulary or tokenizer.get_vocabulary()
     source_ = _seqio_source(source, shards, source_kwargs, f"image_text_task({name!r}).shards")
     masking = []
@@ -118,6 +126,7 @@ def text_task(name: str = gin.REQUIRED, files: Mapping[str, object] = gin.REQUIR
     `source`: 'text' (one document per line, default), 'jsonl' (`source_kwargs={'field': 'text'}`)
     or 'array_record' (records with a 'text' or 'txt' member); `files` maps split -> glob(s).
     """
+    _refuse_documents(f"text_task({name!r})", source)
     vocab = vocabulary or tokenizer.get_vocabulary()
     source_ = _seqio_source(source, files, source_kwargs, f"text_task({name!r}).files")
     return _add_task(seqio.Task(
@@ -126,6 +135,59 @@ def text_task(name: str = gin.REQUIRED, files: Mapping[str, object] = gin.REQUIR
                        pp.Tokenize(vocab, max_prefix_len + max_target_len),
                        pp.PrefixLMSplit(max_prefix_len, max_target_len),
                        pp.AddBlankImage(image_size), pp.SelectFeatures()],
+        shuffle_buffer_size=None))
+
+
+def _document_decoder(crop: str, image_size: int, max_images: int, max_image_pixels: int, crop_scale) -> object:
+    if crop == "center":
+        return pp.DecodeDocumentImages(image_size, max_images, max_image_pixels)
+    if crop == "random":
+        return pp.DecodeDocumentImagesRandomCrop(image_size, max_images, max_image_pixels, scale=tuple(crop_scale))
+    raise ValueError(f"interleaved_task.crop={crop!r}; use 'center' or 'random'")
+
+
+@gin.configurable
+def interleaved_task(name: str = gin.REQUIRED, shards: Mapping[str, object] = gin.REQUIRED,
+                     image_size: int = gin.REQUIRED, max_images: int = gin.REQUIRED,
+                     max_len: int = gin.REQUIRED, media_id: int = gin.REQUIRED, eoc_id: int = gin.REQUIRED,
+                     bos_id: int | None = None, source: str = "interleaved_jsonl",
+                     source_kwargs: Mapping | None = None, vocabulary: seqio.Vocabulary | None = None,
+                     pairs: bool = False, max_image_pixels: int = 50_000_000, crop: str = "center",
+                     crop_scale: tuple[float, float] = (0.5, 1.0)) -> seqio.Task:
+    """Registers an interleaved image-text task (Flamingo): features `pp.INTERLEAVED_FEATURES`,
+    'images' uint8 [max_images, image_size, image_size, 3], 'image_mask' int32 [max_images],
+    'tokens' and 'loss_mask' int32 [max_len] (layout and targets: `pp.InterleavedTokens`).
+
+    `source`: 'interleaved_jsonl' (OBELICS / MMC4 JSON lines; `source_kwargs={'image_dir': ...}`)
+    or 'interleaved_tar' (webdataset shards, a .json document + its images per sample); `shards`
+    maps split -> glob(s). With `pairs=True` any image-text source of `image_text_task` ('tar',
+    'parquet', 'array_record', 'tfds', 'coco') is read instead, each pair as the 1-image document
+    "<image>caption<|endofchunk|>" EOS (open_flamingo's LAION examples).
+
+    `media_id` (<image>) and `eoc_id` (<|endofchunk|>) are the model's ids of those tokens,
+    usually new ones past the tokenizer's pieces; `bos_id` starts every sequence if not None.
+    Images: center crop, or `crop='random'` (a random resized crop of `crop_scale` x the area).
+    """
+    what = f"interleaved_task({name!r})"
+    interleaved = source in sources.INTERLEAVED_SOURCE_TYPES
+    if pairs and interleaved:
+        raise ValueError(f"{what}: pairs=True reads an image-text source, not {source!r}; set source to one "
+                         f"of 'tar', 'parquet', 'array_record', 'tfds', 'coco'")
+    if not pairs and not interleaved and source in sources.SOURCE_TYPES:
+        raise ValueError(f"{what}: source {source!r} holds no interleaved documents; use one of "
+                         f"{list(sources.INTERLEAVED_SOURCE_TYPES)}, or pairs=True to read its image-text "
+                         f"pairs as 1-image documents")
+    vocab = vocabulary or tokenizer.get_vocabulary()
+    source_ = _seqio_source(source, shards, source_kwargs, f"{what}.shards")
+    if pairs:
+        decode = [_image_decoder(crop, image_size, max_image_pixels, crop_scale, "interleaved_task"),
+                  pp.CleanCaption(), pp.PairToDocument(max_images)]
+    else:
+        decode = [_document_decoder(crop, image_size, max_images, max_image_pixels, crop_scale)]
+    return _add_task(seqio.Task(
+        name, source=source_, output_features={"tokens": seqio.Feature(vocab, add_eos=True)},
+        preprocessors=[*decode, pp.InterleavedTokens(vocab, max_len, media_id, eoc_id, bos_id),
+                       pp.SelectFeatures(pp.INTERLEAVED_FEATURES)],
         shuffle_buffer_size=None))
 
 
@@ -170,3 +232,38 @@ def register_builtin(data_dir: str = gin.REQUIRED, text_only_rate: float = 0.125
     rates = [("builtin_image_text", 1.0 - text_only_rate), ("builtin_text", text_only_rate)]
     mixture(name="builtin_pretrain", tasks_and_rates=[(t, r) for t, r in rates if r > 0])
     return "builtin_pretrain"
+
+
+@gin.configurable
+def register_builtin_interleaved(data_dir: str = gin.REQUIRED, image_size: int = gin.REQUIRED,
+                                 max_images: int = gin.REQUIRED, max_len: int = gin.REQUIRED,
+                                 media_id: int = gin.REQUIRED, eoc_id: int = gin.REQUIRED,
+                                 bos_id: int | None = None, documents_rate: float = 1.0,
+                                 pairs_rate: float = 1.0, vocabulary: seqio.Vocabulary | None = None,
+                                 crop: str = "center") -> str:
+    """Registers the built-in interleaved data (Flamingo): 'builtin_interleaved' (the synthetic
+    documents in DATA_DIR/interleaved), 'builtin_interleaved_pairs' (the image-text shards as
+    1-image documents) and the mixture 'builtin_flamingo' of both at documents_rate : pairs_rate
+    (open_flamingo trains MMC4 and LAION 1 : 1). Returns the mixture name. A task of rate 0 is
+    left out of the mixture. Arguments as `interleaved_task`'s."""
+    root = os.path.join(data_dir, "interleaved")
+    if not os.path.exists(os.path.join(root, "manifest.json")):
+        raise FileNotFoundError(f"Built-in interleaved data not found in {root}. Run "
+                                f"`python -m simvlm_jax.main --mode=prepare --gin_file=...` first.")
+    if documents_rate < 0 or pairs_rate < 0 or documents_rate + pairs_rate <= 0:
+        raise ValueError(f"register_builtin_interleaved: documents_rate={documents_rate!r} and "
+                         f"pairs_rate={pairs_rate!r} must be >= 0, not both 0")
+    common = dict(image_size=image_size, max_images=max_images, max_len=max_len, media_id=media_id,
+                  eoc_id=eoc_id, bos_id=bos_id, vocabulary=vocabulary, crop=crop)
+    interleaved_task(name="builtin_interleaved",
+                     shards={"train": os.path.join(root, "train.jsonl"),
+                             "validation": os.path.join(root, "validation.jsonl")},
+                     source="interleaved_jsonl", source_kwargs={"image_dir": os.path.join(root, "images")},
+                     **common)
+    interleaved_task(name="builtin_interleaved_pairs",
+                     shards={"train": os.path.join(data_dir, "train", "*.tar"),
+                             "validation": os.path.join(data_dir, "heldout", "*.tar")},
+                     source="tar", pairs=True, **common)
+    rates = [("builtin_interleaved", documents_rate), ("builtin_interleaved_pairs", pairs_rate)]
+    mixture(name="builtin_flamingo", tasks_and_rates=[(t, r) for t, r in rates if r > 0])
+    return "builtin_flamingo"
