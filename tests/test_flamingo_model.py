@@ -151,7 +151,7 @@ def test_hf_converter_errors(hf_llama):
 
 # ----------------------------------------------------------------------------- open_flamingo parity
 
-def build_open_flamingo(every: int, immediate: bool, seed: int = 0):
+def build_open_flamingo(every: int, immediate: bool, max_num_media: int | None = None, seed: int = 0):
     """open_flamingo.Flamingo over a tiny open_clip CLIP and a tiny LLaMA (+2 tokens), every weight
     random, the gates non-zero; the resampler / cross-attention at our SMALL sizes."""
     torch = pytest.importorskip("torch")
@@ -172,7 +172,8 @@ def build_open_flamingo(every: int, immediate: bool, seed: int = 0):
     lm.set_decoder_layers_attr_name("model.layers")
     model = of_flamingo.Flamingo(clip, lm, eoc_token_id=EOC, media_token_id=MEDIA, vis_dim=32,
                                  cross_attn_every_n_layers=every)
-    model.perceiver = helpers.PerceiverResampler(dim=32, depth=2, dim_head=16, heads=2, num_latents=8, ff_mult=2)
+    model.perceiver = helpers.PerceiverResampler(dim=32, depth=2, dim_head=16, heads=2, num_latents=8, ff_mult=2,
+                                                 max_num_media=max_num_media)
     lm.gated_cross_attn_layers = torch.nn.ModuleList([
         helpers.GatedCrossAttentionBlock(dim=64, dim_visual=32, dim_head=16, heads=2, ff_mult=2,
                                          only_attend_immediate_media=immediate) if (i + 1) % every == 0 else None
@@ -188,18 +189,19 @@ def build_open_flamingo(every: int, immediate: bool, seed: int = 0):
 
 
 OF_CASES = [dict(every=1, scan=False), dict(every=1, scan=True), dict(every=2, scan=False),
-            dict(every=2, scan=True), dict(every=1, scan=False, immediate=False)]
+            dict(every=2, scan=True), dict(every=1, scan=False, immediate=False, max_num_media=3)]
 
 
-@pytest.mark.parametrize("case", OF_CASES, ids=["every1", "every1-scan", "every2", "every2-scan", "all-previous"])
+@pytest.mark.parametrize("case", OF_CASES, ids=["every1", "every1-scan", "every2", "every2-scan", "all-previous-media-time"])
 def test_open_flamingo_parity(case):
     import torch
     from simvlm_jax import convert_open_flamingo
     every, immediate = case["every"], case.get("immediate", True)
-    model = build_open_flamingo(every, immediate)
+    model = build_open_flamingo(every, immediate, case.get("max_num_media"))
     cfg = tiny(vocab_size=64, lm_width=64, lm_layers=2 * every, lm_heads=4, lm_kv_heads=2, lm_mlp_dim=96,
                rope_theta=1000.0, rms_norm_eps=1e-5, vision_activation="gelu_exact", cross_attn_every=every,
-               only_attend_immediate_media=immediate, scan_layers=case["scan"], media_id=MEDIA, eoc_id=EOC)
+               only_attend_immediate_media=immediate, scan_layers=case["scan"], media_id=MEDIA, eoc_id=EOC,
+               max_num_media=case.get("max_num_media", 0))
     params = convert_open_flamingo.from_open_flamingo(model.state_dict(), cfg)
 
     rng = np.random.default_rng(1)
@@ -362,6 +364,27 @@ def test_scan_matches_unrolled(small_model):
     assert err < 1e-5, err
 
 
+def test_sharded_forward_matches_unsharded():
+    """data=2 x fsdp=2 x tensor=2: params placed by the logical axis rules, activations
+    constrained (a constraint of the wrong rank would fail to trace)."""
+    cfg = tiny(scan_layers=True, cross_attn_every=2, lm_layers=4)
+    params = random_params(cfg, seed=5)
+    rng = np.random.default_rng(5)
+    batch = {"images": rng.integers(0, 256, (4, 2, 32, 32, 3)).astype(np.uint8),
+             "tokens": interleaved_tokens(rng, 8, [([0, 4], [3, 7])] * 4)}
+    model = flamingo.Flamingo(cfg)
+    ref = jax.jit(model.apply)({"params": params}, batch)["logits"]
+    mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+    shardings = partitioning.logical_to_sharding(partitioning.logical_specs(abstract_params(cfg)), mesh)
+    shardings = partitioning.fit_to_shapes(shardings, params)
+    placed = jax.device_put(params, shardings)
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree_util.tree_leaves(placed))
+    batch = {k: jax.device_put(v, partitioning.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+    with partitioning.activate(mesh):
+        out = jax.jit(model.apply)({"params": placed}, batch)["logits"]
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- params
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
@@ -386,9 +409,12 @@ def test_logical_axes_and_default_freezing(scan):
     assert with_embed == expected - {p for p in paths if p.startswith("lm/embed/")}
 
 
-def test_extra_token_embeddings_replace_the_new_rows(small_model):
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_extra_token_embeddings_replace_the_new_rows(small_model, tie):
+    """ids >= vocab_size - num_extra_tokens read 'extra_embed' (tied: also for their logits);
+    the main table's last rows are then unused."""
     cfg, images = small_model
-    cfg = dataclasses.replace(cfg, num_extra_tokens=2)
+    cfg = dataclasses.replace(cfg, num_extra_tokens=2, tie_embeddings=tie)
     params = random_params(cfg, gate=0.0)
     tokens = np.asarray([[MEDIA, 5, 6, EOC, 7]], np.int32)
     run = jax.jit(lambda p, t: flamingo.Flamingo(cfg).apply({"params": p}, t, None,
@@ -399,6 +425,35 @@ def test_extra_token_embeddings_replace_the_new_rows(small_model):
     np.testing.assert_array_equal(np.asarray(run({**params, "lm": lm}, tokens)), base)
     lm["extra_embed"] = {"embedding": params["lm"]["extra_embed"]["embedding"] + 1.0}
     assert np.abs(np.asarray(run({**params, "lm": lm}, tokens)) - base).max() > 1e-3
+
+
+def test_frozen_vision_gets_no_gradient_and_dropout_trains(small_model):
+    """freeze_vision: the ViT's gradients are exactly 0 (stop_gradient); the resampler and the
+    cross-attention get gradients; dropout (deterministic=False) runs."""
+    cfg, images = small_model
+    cfg = dataclasses.replace(cfg, dropout_rate=0.1, scan_layers=True)
+    params = random_params(cfg, seed=6)
+    tokens = interleaved_tokens(np.random.default_rng(6), 8, [([0, 4], [3, 7])] * 3)
+
+    def loss(p):
+        out = flamingo.Flamingo(cfg).apply({"params": p}, {"images": images, "tokens": tokens}, deterministic=False,
+                                           rngs={"dropout": jax.random.key(1)})
+        return jnp.mean(jax.nn.log_softmax(out["logits"])[..., 5])
+    grads = jax.jit(jax.grad(loss))(params)
+    norm = lambda tree: float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree_util.tree_leaves(tree)))  # noqa: E731
+    assert norm(grads["vision"]) == 0.0
+    assert norm(grads["resampler"]) > 0 and norm(grads["lm"]["blocks"]["gated_xattn"]) > 0
+
+
+def test_hf_cli_writes_the_lm_params(hf_llama, tmp_path):
+    from flax import serialization
+    _, path = hf_llama
+    out = str(tmp_path / "lm.msgpack")
+    convert_hf_lm.main(["--hf_dir", path, "--out", out, "--scan_layers"])
+    with open(out, "rb") as f:
+        lm = serialization.msgpack_restore(f.read())
+    assert set(lm) == {"embed", "blocks", "final_norm", "lm_head"}
+    assert lm["blocks"]["decoder_0"]["self_attn"]["k_proj"]["kernel"].shape == (2, 64, 2, 16)
 
 
 def test_config_validation_names_the_field():
