@@ -192,7 +192,8 @@ OF_CASES = [dict(every=1, scan=False), dict(every=1, scan=True), dict(every=2, s
             dict(every=2, scan=True), dict(every=1, scan=False, immediate=False, max_num_media=3)]
 
 
-@pytest.mark.parametrize("case", OF_CASES, ids=["every1", "every1-scan", "every2", "every2-scan", "all-previous-media-time"])
+@pytest.mark.parametrize("case", OF_CASES,
+                         ids=["every1", "every1-scan", "every2", "every2-scan", "all-previous-media-time"])
 def test_open_flamingo_parity(case):
     import torch
     from simvlm_jax import convert_open_flamingo

@@ -398,9 +398,9 @@ class DecoderLayer(nn.Module):
         kw = _kw(cfg)
         drop = lambda h: nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)  # noqa: E731
         h = RMSNorm(cfg.rms_norm_eps, name="input_norm", **kw)(x)
-        h = SelfAttention(cfg.lm_heads, cfg.lm_kv_heads, cfg.head_dim, cfg.rope_theta, attention_impl=cfg.attention_impl,
-                          decode=self.decode, max_decode_len=self.max_decode_len, name="self_attn", **kw)(
-            h, mask, positions, cache_index)
+        h = SelfAttention(cfg.lm_heads, cfg.lm_kv_heads, cfg.head_dim, cfg.rope_theta,
+                          attention_impl=cfg.attention_impl, decode=self.decode,
+                          max_decode_len=self.max_decode_len, name="self_attn", **kw)(h, mask, positions, cache_index)
         x = x + drop(h)
         h = RMSNorm(cfg.rms_norm_eps, name="mlp_norm", **kw)(x)
         x = x + drop(SwiGLU(cfg.lm_mlp_dim, name="mlp", **kw)(h))
