@@ -74,7 +74,22 @@ def attend_cached(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
     """[B,T,N,H] queries x a heads-major KV cache [B,N,S,H] -> [B,T,N,H]; `mask` broadcastable
     to [B,N,T,S]. The math of jax.nn.dot_product_attention's XLA path (scale 1/sqrt(H), float32
     logits and softmax, masked logits at -0.7 x float32 max) with the cache's [B, N] as the
-    matmuls' batch dimensions, so no step copies the cache into another layout."""
+    matmuls' batch dimensions, so no step copies the cache into another layout.
+
+    Grouped-query attention: a cache of K < N heads ([B,K,S,H], K dividing N) serves query
+    heads k*G .. k*G+G-1 (G = N/K) from its head k, as jax.nn.dot_product_attention and
+    HF's repeat_kv group them; `mask` then broadcasts to [B,1,T,S]."""
+    b, t, n, h = q.shape
+    groups = n // k.shape[1]
+    if groups > 1:
+        if n % k.shape[1]:
+            raise ValueError(f"attend_cached: {n} query heads for {k.shape[1]} key/value heads")
+        qg = q.reshape(b, t, k.shape[1], groups, h)
+        logits = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * h ** -0.5
+        if mask is not None:
+            logits = jnp.where(jnp.expand_dims(mask, -3), logits, -0.7 * jnp.finfo(jnp.float32).max)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(b, t, n, h)
     logits = jnp.einsum("btnh,bnsh->bnts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
     if mask is not None:
         logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
@@ -129,6 +144,7 @@ class Attention(nn.Module):
     is_cross: bool = False
     decode: bool = False
     max_decode_len: int = 0
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: Array, kv_input: Array | None, mask: Array | None) -> Array:
@@ -139,7 +155,7 @@ class Attention(nn.Module):
             if rows % kv_input.shape[0]:
                 raise ValueError(f"cross-attention: {rows} query rows for {kv_input.shape[0]} sources")
             x = x.reshape(kv_input.shape[0], (rows // kv_input.shape[0]) * length, width)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
         proj = functools.partial(dense_general, (self.num_heads, self.head_dim), -1,
                                  ("embed", "heads", "kv"), ("heads", "kv"), **kw)
         q = proj(name="query")(x)  # dot_product_attention applies the 1/sqrt(head_dim) scale
