@@ -172,17 +172,23 @@ def greedy_decode_no_cache(model: Model, params, inputs: dict[str, Any], max_len
 
 # ----------------------------------------------------------------------------- beam search
 
+# Cache entries equal across the beams of an example, never reordered: cross-attention keys /
+# values of the image, and the prompt's key-padding mask, next position and <image> count.
+PER_EXAMPLE_CACHE = ("cross_key", "cross_value", "key_mask", "position", "num_media")
+
+
 def gather_beams(cache: Any, flat_index: jax.Array, batch_axis: int, num_rows: int) -> Any:
     """Reorders the KV cache rows: every cache array whose `batch_axis` has `num_rows`
     (= batch * num_beams) entries is gathered with `flat_index` [num_rows] along it.
 
     `batch_axis` is 0 for unrolled layers and 1 for scanned ones (the cache then has a
-    leading layers axis). Scalars/per-layer `cache_index` are left alone, and so are the
-    cross-attention keys/values: they are the same for every beam of an example.
+    leading layers axis). Scalars/per-layer `cache_index` are left alone, and so is what is the
+    same for every beam of an example: the cross-attention keys/values and per-row decode state
+    outside the layers (`PER_EXAMPLE_CACHE`; its batch axis is 0 even with scanned layers).
     """
     def gather(path, x):
         name = getattr(path[-1], "key", None)
-        if name in ("cross_key", "cross_value"):
+        if name in PER_EXAMPLE_CACHE:
             return x
         if x.ndim > batch_axis and x.shape[batch_axis] == num_rows:
             return jnp.take(x, flat_index, axis=batch_axis)

@@ -21,16 +21,17 @@ PACKAGE = os.path.join(REPO_ROOT, "simvlm_jax")
 
 
 def test_registry_is_the_one_list_of_families():
-    assert registry.names() == ["coca", "mplug", "simvlm"]
+    assert registry.names() == ["coca", "flamingo", "mplug", "simvlm"]
     for name in registry.names():
         cls = registry.get(name)
         assert issubclass(cls, ModelFamily) and cls.name == name
         assert registry.by_export_type(cls.export_type) is cls
         assert registry.by_config_name(cls.config_cls.__name__) is cls
-    with pytest.raises(ValueError, match=r"unknown model family 'flamingo'; choose one of \['coca', 'mplug', 'simvlm'\]"):
-        registry.get("flamingo")
-    with pytest.raises(ValueError, match="unknown model type 'Flamingo'"):
-        registry.by_export_type("Flamingo")
+    with pytest.raises(ValueError, match=r"unknown model family 'blip'; choose one of \['coca', 'flamingo', 'mplug', "
+                                         r"'simvlm'\]"):
+        registry.get("blip")
+    with pytest.raises(ValueError, match="unknown model type 'BLIP'"):
+        registry.by_export_type("BLIP")
 
 
 def test_family_of_a_config_a_module_or_a_family():

@@ -123,9 +123,9 @@ class ModelFamily:
             raise ValueError(f"{cls}.vocab_size={model} but the tokenizer has {size} pieces: ids {size}.."
                              f"{model - 1} are never trained and decode to '⁇'; set {cls}.vocab_size={size} "
                              f"(anything up to {padded} is fine) or use the tokenizer the model was made for")
-        if vocab.eos_id != self.eos_id:
-            raise ValueError(f"the tokenizer's EOS id is {vocab.eos_id} but {self.name} ends captions with id "
-                             f"{self.eos_id}, so generated captions would never stop; {remake}")
+        if vocab.eos_id != self.text_eos_id:
+            raise ValueError(f"the tokenizer's EOS id is {vocab.eos_id} but {self.name} ends texts with id "
+                             f"{self.text_eos_id}, so generated captions would never stop; {remake}")
         processor = getattr(vocab, "tokenizer", None)  # SentencePiece's processor, if any
         pad = getattr(processor, "pad_id", None)
         if callable(pad) and pad() != self.pad_id:
@@ -166,6 +166,11 @@ class ModelFamily:
     @property
     def eos_id(self) -> int:
         raise NotImplementedError
+
+    @property
+    def text_eos_id(self) -> int:
+        """The tokenizer's EOS the model was trained with (`eos_id` unless captions end otherwise)."""
+        return self.eos_id
 
     @property
     def start_id(self) -> int:

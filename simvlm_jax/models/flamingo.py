@@ -49,8 +49,10 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from simvlm_jax.models import coca, layers
+from simvlm_jax import flops, losses
+from simvlm_jax.models import coca, family, layers
 
 Array = jax.Array
 
@@ -123,7 +125,13 @@ class FlamingoConfig:
     xattn_head_dim: int = 16
     xattn_ff_mult: int = 4
     only_attend_immediate_media: bool = True
-    # Token ids.
+    # Training batch and generation shapes (the data task's max_images / max_len; captions).
+    max_images: int = 2             # images per training example (T_img)
+    max_text_len: int = 0           # tokens per training example; 0 = lm_max_len
+    max_caption_len: int = 20       # longest generated caption (after the prompt)
+    # Token ids. add_bos: prompts start with bos_id (as the data task's bos_id; LLaMA's
+    # tokenizer adds one, the built-in SentencePiece has none).
+    add_bos: bool = True
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
@@ -164,6 +172,10 @@ class FlamingoConfig:
         check(self.media_id != self.pad_id, "media_id", "must differ from pad_id")
         check(0 <= self.num_extra_tokens < self.vocab_size, "num_extra_tokens",
               f"must lie in [0, vocab_size={self.vocab_size})")
+        check(self.max_images >= 1, "max_images", "must be >= 1")
+        check(0 <= self.max_text_len <= self.lm_max_len, "max_text_len", f"must lie in [0, lm_max_len={self.lm_max_len}]")
+        check(1 <= self.max_caption_len < self.lm_max_len, "max_caption_len",
+              f"must lie in [1, lm_max_len={self.lm_max_len}) (the prompt needs room too)")
         check(0.0 <= self.dropout_rate < 1.0, "dropout_rate", "must lie in [0, 1)")
         check(self.remat_policy in layers.REMAT_POLICIES, "remat_policy",
               f"choose one of {sorted(layers.REMAT_POLICIES)}")
@@ -657,11 +669,211 @@ class Flamingo(nn.Module):
         return {"logits": self.lm_logits(batch["tokens"], media, None, deterministic)}
 
 
-def dummy_batch(cfg: FlamingoConfig, batch_size: int = 1, num_media: int = 2,
+def dummy_batch(cfg: FlamingoConfig, batch_size: int = 1, num_media: int | None = None,
                 text_len: int | None = None) -> dict[str, Array]:
-    """Zeros of the training batch's shapes (for init and compilation)."""
-    text_len = text_len or cfg.lm_max_len
+    """Zeros of the training batch's shapes (for init and compilation); default sizes
+    max_images and max_text_len (or lm_max_len)."""
+    num_media = num_media or cfg.max_images
+    text_len = text_len or cfg.max_text_len or cfg.lm_max_len
     return {"images": jnp.zeros((batch_size, num_media, cfg.image_size, cfg.image_size, 3), jnp.uint8),
             "image_mask": jnp.zeros((batch_size, num_media), jnp.int32),
             "tokens": jnp.zeros((batch_size, text_len), jnp.int32),
             "loss_mask": jnp.zeros((batch_size, text_len), jnp.int32)}
+
+
+# ----------------------------------------------------------------------------- the family
+
+class FlamingoFamily(family.ModelFamily):
+    """Flamingo as a model family: next-token loss on interleaved image-text documents (the
+    data's 'loss_mask' picks the targets); generates captions after an <image> and a text
+    prompt, and in context after k solved examples (`few_shot_inputs`)."""
+    name = "flamingo"
+    export_type = "Flamingo"
+    config_cls = FlamingoConfig
+    module_cls = Flamingo
+    can_generate = True
+    can_few_shot = True
+
+    def __init__(self, config: FlamingoConfig | None = None):
+        super().__init__(config)
+        self.decoder = Flamingo(self.config, decode=True)
+
+    def dummy_batch(self, batch_size: int = 1) -> dict[str, Array]:
+        return dummy_batch(self.config, batch_size)
+
+    def objective(self, params, batch, rng, *, loss_weights, mesh=None, batch_axes=(),
+                  aux_state=None) -> losses.Objective:
+        cfg = self.config
+        logits = self.module.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng})["logits"]
+        tokens = batch["tokens"]
+        # logits[:, t] predicts tokens[:, t + 1]; positions the mask leaves out become pad (ignored).
+        targets = jnp.where(batch["loss_mask"][:, 1:] > 0, tokens[:, 1:], cfg.pad_id)
+        nll, num_tokens, correct = losses.token_nll_stats(logits[:, :-1], targets, cfg.pad_id)
+        return losses.Objective(nll, num_tokens, {"loss": nll, "token_accuracy": correct,
+                                                  "num_target_tokens": num_tokens})
+
+    def check_batch(self, host_batch) -> None:
+        cfg = self.config
+        media = (host_batch["tokens"] == cfg.media_id).sum(-1)
+        images = host_batch["image_mask"].sum(-1) if "image_mask" in host_batch else None
+        if images is not None and (media > images).any():
+            row = int(np.argmax(media > images))
+            raise ValueError(f"batch row {row} has {int(media[row])} <image> tokens (id {cfg.media_id}) but "
+                             f"{int(images[row])} images: the data's media_id must be FlamingoConfig.media_id "
+                             f"and every <image> needs its image (interleaved_task keeps them paired)")
+
+    def extra_token_ids(self) -> tuple[int, ...]:
+        cfg = self.config
+        return (cfg.media_id, cfg.eoc_id) + ((cfg.bos_id,) if cfg.add_bos else ())
+
+    def check_vocabulary(self, vocab) -> None:
+        cfg = self.config
+        pieces = vocab.vocab_size
+        for field in ("media_id", "eoc_id"):
+            i = getattr(cfg, field)
+            if i < pieces and i in (vocab.eos_id, cfg.pad_id):
+                raise ValueError(f"FlamingoConfig.{field}={i} is the tokenizer's EOS or pad id; use an id past its "
+                                 f"{pieces} pieces (e.g. media_id={pieces}, eoc_id={pieces + 1})")
+        super().check_vocabulary(vocab)
+
+    def tokens_per_example(self) -> int:
+        cfg = self.config
+        return cfg.max_images * cfg.num_patches + (cfg.max_text_len or cfg.lm_max_len)
+
+    def train_flops_per_example(self) -> float:
+        return train_flops_per_example(self.config)
+
+    def describe(self) -> str:
+        cfg = self.config
+        return (f"Flamingo: CLIP ViT width {cfg.vision_width} x {cfg.vision_layers} layers (patch {cfg.patch_size}, "
+                f"{cfg.image_size}px{', frozen' if cfg.freeze_vision else ''}), Perceiver resampler "
+                f"{cfg.resampler_depth} layers x {cfg.resampler_latents} latents, LLaMA-style LM width "
+                f"{cfg.lm_width} x {cfg.lm_layers} layers with gated cross-attention every {cfg.cross_attn_every}.")
+
+    def table_cells(self) -> list[str]:
+        cfg = self.config
+        heads = f"{cfg.lm_heads}" + (f" ({cfg.lm_kv_heads} kv)" if cfg.lm_kv_heads != cfg.lm_heads else "")
+        return [f"{cfg.vision_width} / {cfg.lm_width}",
+                f"{cfg.vision_layers} / {cfg.lm_layers} (+{cfg.num_groups} xattn, {cfg.resampler_depth} resampler)",
+                f"{cfg.vision_heads} / {heads}", f"{cfg.vision_mlp_dim} / {cfg.lm_mlp_dim} SwiGLU",
+                f"{cfg.image_size} / {cfg.patch_size}", "linear",
+                f"{cfg.max_images} x {cfg.resampler_latents} latents",
+                f"{cfg.max_text_len or cfg.lm_max_len} interleaved"]
+
+    # ------------------------------------------------------------------ generation
+
+    max_decode_len = property(lambda self: self.config.max_caption_len)
+    # A caption ends its chunk: generation stops at <|endofchunk|>, as open_flamingo's generate.
+    eos_id = property(lambda self: self.config.eoc_id)
+    text_eos_id = property(lambda self: self.config.eos_id)
+    cache_batch_axis = property(lambda self: 1 if self.config.scan_layers else 0)
+
+    def prompt_ids(self, vocab, prompt: str) -> np.ndarray:
+        """The text after each <image> (e.g. 'Output:'); may be empty."""
+        return np.asarray(list(vocab.encode(prompt)) if prompt else [], np.int32)
+
+    def decode_inputs(self, images, prompt_ids) -> dict[str, np.ndarray]:
+        return self.few_shot_inputs(images, prompt_ids, np.zeros((0, *images.shape[1:]), images.dtype), [])
+
+    def few_shot_inputs(self, images, prompt_ids, shot_images, shot_ids) -> dict[str, np.ndarray]:
+        """[BOS] (<image> prompt caption <|endofchunk|>) per solved example, then <image> prompt:
+        open_flamingo's captioning prompt. Every row has the same length (no padding)."""
+        cfg = self.config
+        prompt = [int(i) for i in prompt_ids]
+        tokens = [cfg.bos_id] if cfg.add_bos else []
+        for ids in shot_ids:
+            tokens += [cfg.media_id, *prompt, *(int(i) for i in ids), cfg.eoc_id]
+        tokens += [cfg.media_id, *prompt]
+        room = cfg.lm_max_len - cfg.max_caption_len
+        if len(tokens) > room:
+            raise ValueError(f"the prompt with {len(shot_ids)} solved examples is {len(tokens)} tokens, over the "
+                             f"{room} that FlamingoConfig.lm_max_len={cfg.lm_max_len} leaves after "
+                             f"max_caption_len={cfg.max_caption_len}: use fewer shots or raise lm_max_len")
+        b = len(images)
+        media = np.concatenate([np.broadcast_to(shot_images[None], (b, *shot_images.shape)), images[:, None]], 1)
+        row = np.asarray(tokens, np.int32)
+        return {"images": media, "tokens": np.tile(row, (b, 1)), "attention_mask": np.ones((b, len(row)), np.int32)}
+
+    def encode(self, params, inputs) -> dict[str, Array]:
+        media = self.module.apply({"params": params}, inputs["images"], method=Flamingo.encode_media)
+        return {"media": media, "tokens": inputs["tokens"], "attention_mask": inputs["attention_mask"]}
+
+    def decode_start(self, params, context):
+        max_len = context["tokens"].shape[1] + self.config.max_caption_len
+        logits, mutated = self.decoder.apply({"params": params}, context["tokens"], context["attention_mask"],
+                                             context["media"], max_len, method=Flamingo.prefill, mutable=["cache"])
+        return logits[:, -1], mutated["cache"]
+
+    def decode_step(self, params, cache, tokens, context, t):
+        logits, mutated = self.decoder.apply({"params": params, "cache": cache}, tokens[:, None],
+                                             method=Flamingo.step, mutable=["cache"])
+        return logits[:, -1], mutated["cache"]
+
+    def caption_logits(self, params, context, tokens):
+        prompt, mask, media = context["tokens"], context["attention_mask"], context["media"]
+        m = tokens.shape[0] // prompt.shape[0]
+        if m > 1:  # m captions per context row
+            prompt, mask, media = (jnp.repeat(x, m, axis=0) for x in (prompt, mask, media))
+        seq = jnp.concatenate([prompt, tokens[:, :-1]], axis=1)
+        full_mask = jnp.concatenate([mask, jnp.ones(tokens[:, :-1].shape, mask.dtype)], axis=1)
+        logits = self.module.apply({"params": params}, seq, media, full_mask, method=Flamingo.lm_logits)
+        p = prompt.shape[1]
+        return logits[:, p - 1:p - 1 + tokens.shape[1]]
+
+    def target_layout(self) -> tuple[int, bool]:
+        return self.config.max_caption_len, False
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def _vision_flops(cfg: FlamingoConfig) -> float:
+    """One image through the ViT (+ class token), forward."""
+    n, w = cfg.num_patches + 1, cfg.vision_width
+    patch = 2.0 * cfg.num_patches * cfg.patch_size ** 2 * 3 * w
+    return patch + cfg.vision_layers * (flops._self_attention(n, w) + flops._mlp(n, w, cfg.vision_mlp_dim))
+
+
+def _resampler_flops(cfg: FlamingoConfig) -> float:
+    """One image's resampler, forward: latents query [patches; latents]."""
+    n, p, w = cfg.resampler_latents, cfg.num_patches, cfg.vision_width
+    inner = cfg.resampler_heads * cfg.resampler_head_dim
+    per_layer = (flops._dense(n, w, inner) + flops._dense(p + n, w, 2 * inner) + flops._dense(n, inner, w)
+                 + flops._attention_core(n, p + n, inner) + flops._mlp(n, w, cfg.resampler_ff_mult * w))
+    return cfg.resampler_depth * per_layer
+
+
+def _lm_flops(cfg: FlamingoConfig, tokens: int, count_masked: bool = False) -> float:
+    """The LM over `tokens` positions, forward: GQA projections, causal attention, SwiGLU, logits."""
+    w, h = cfg.lm_width, cfg.head_dim
+    q, kv = cfg.lm_heads * h, cfg.lm_kv_heads * h
+    attn = (flops._dense(tokens, w, q) + 2 * flops._dense(tokens, w, kv) + flops._dense(tokens, q, w)
+            + flops._attention_core(tokens, tokens, q, causal=True, count_masked=count_masked))
+    mlp = 3 * flops._dense(tokens, w, cfg.lm_mlp_dim)
+    return cfg.lm_layers * (attn + mlp) + flops._dense(tokens, w, cfg.vocab_size)
+
+
+def _xattn_flops(cfg: FlamingoConfig, tokens: int, media_tokens: int) -> float:
+    """The gated cross-attention-dense blocks, forward. Every text position attends to every
+    media token (the media mask is applied to the full matrix)."""
+    w, inner = cfg.lm_width, cfg.xattn_heads * cfg.xattn_head_dim
+    per_block = (flops._dense(tokens, w, inner) + flops._dense(media_tokens, cfg.vision_width, 2 * inner)
+                 + flops._attention_core(tokens, media_tokens, inner) + flops._dense(tokens, inner, w)
+                 + flops._mlp(tokens, w, cfg.xattn_ff_mult * w))
+    return cfg.num_groups * per_block
+
+
+def forward_flops(cfg: FlamingoConfig, count_masked: bool = False) -> tuple[float, float]:
+    """(frozen vision tower, the rest) forward FLOPs of one training example: max_images
+    images, max_text_len (or lm_max_len) tokens."""
+    t = cfg.max_text_len or cfg.lm_max_len
+    rest = (cfg.max_images * _resampler_flops(cfg) + _lm_flops(cfg, t, count_masked)
+            + _xattn_flops(cfg, t, cfg.max_images * cfg.resampler_latents))
+    return cfg.max_images * _vision_flops(cfg), rest
+
+
+def train_flops_per_example(cfg: FlamingoConfig, count_masked: bool = False) -> float:
+    """Training FLOPs of one example: the vision tower forward only when frozen (its output is
+    stop_gradient'ed), 3x forward for the rest. The frozen LM still runs its backward pass: the
+    gradient reaches the cross-attention blocks through it."""
+    vision, rest = forward_flops(cfg, count_masked)
+    return (vision if cfg.freeze_vision else 3 * vision) + 3 * rest

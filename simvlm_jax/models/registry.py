@@ -11,7 +11,7 @@ from typing import Any
 import flax.linen as nn
 import gin
 
-from simvlm_jax.models import coca, family, mplug, simvlm
+from simvlm_jax.models import coca, family, flamingo, mplug, simvlm
 
 ModelFamily = family.ModelFamily
 
@@ -19,6 +19,7 @@ FAMILIES: dict[str, type[ModelFamily]] = {f.name: f for f in (
     simvlm.SimVLMFamily,
     coca.CoCaFamily,
     mplug.MPLUGFamily,
+    flamingo.FlamingoFamily,
 )}
 
 _BY_CONFIG = {f.config_cls: f for f in FAMILIES.values()}

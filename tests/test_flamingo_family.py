@@ -1,0 +1,244 @@
+"""Flamingo as a model family: the objective, decoding through the shared decoders (cached ==
+teacher forcing, zero- and few-shot prompts, beams over scanned layers), frozen training,
+the analytic FLOPs against XLA's count, and export/load. The network itself (parity with
+open_flamingo and HF LLaMA) is tests/test_flamingo_model.py."""
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from simvlm_jax import decoding, export, partitioning, train
+from simvlm_jax.models import flamingo, registry
+from test_flops import B, hlo_matmul_flops
+
+# 32 px / patch 8 -> 16 patches; LM of 4 layers with cross-attention every 2 (2 groups).
+TINY = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, vision_mlp_dim=64,
+            resampler_depth=1, resampler_latents=4, resampler_heads=2, resampler_head_dim=16,
+            vocab_size=40, lm_width=32, lm_layers=4, lm_heads=4, lm_kv_heads=2, lm_mlp_dim=48, lm_max_len=64,
+            cross_attn_every=2, xattn_heads=2, xattn_head_dim=16, max_images=2, max_text_len=16,
+            max_caption_len=6, add_bos=True, bos_id=3, eos_id=1, pad_id=0, media_id=38, eoc_id=39)
+
+
+def _family(**overrides) -> flamingo.FlamingoFamily:
+    return flamingo.FlamingoFamily(flamingo.FlamingoConfig(**{**TINY, **overrides}))
+
+
+def _params(fam, seed=0, gate=0.5):
+    """Random params with every cross-attention gate at `gate` (0 at init would hide the images),
+    the rest perturbed (N(0, 1)) so that a tiny model's greedy choices depend on its inputs."""
+    params = nn.meta.unbox(fam.init_params(jax.random.key(seed)))
+    leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree_util.tree_unflatten(tree, [
+        jnp.full_like(x, gate) if "gate" in jax.tree_util.keystr(p) else x + 1.0 * jax.random.normal(k, x.shape)
+        for (p, x), k in zip(leaves, keys)])
+
+
+def _images(n, k=1, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, k, 32, 32, 3), dtype=np.uint8)
+
+
+def test_objective_is_the_masked_next_token_nll():
+    fam = _family()
+    params = _params(fam)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(4, 38, (3, 16)).astype(np.int32)
+    tokens[:, 0], tokens[:, 5] = 38, 38  # two images per row
+    mask = (rng.random((3, 16)) < 0.6).astype(np.int32)
+    batch = {"images": _images(3, 2), "image_mask": np.ones((3, 2), np.int32), "tokens": tokens, "loss_mask": mask}
+    obj = fam.objective(params, batch, jax.random.key(0), loss_weights={})
+    logits = np.asarray(fam.module.apply({"params": params}, batch)["logits"], np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+    weights = mask[:, 1:]
+    assert float(obj.weight) == weights.sum()
+    np.testing.assert_allclose(float(obj.value), (nll * weights).sum(), rtol=1e-5)
+    # The masked positions' tokens do not count: their targets may be anything.
+    assert float(obj.sums["num_target_tokens"]) == weights.sum()
+
+
+def test_few_shot_prompt_layout_and_length_check():
+    fam = _family()
+    images = _images(2)[:, 0]
+    shots = _images(2, seed=1)[:, 0]
+    inputs = fam.few_shot_inputs(images, np.array([5, 6], np.int32), shots,
+                                 [np.array([7, 8, 9]), np.array([10])])
+    # [BOS] <image> prompt caption <eoc>, per solved example, then <image> prompt.
+    row = [3, 38, 5, 6, 7, 8, 9, 39, 38, 5, 6, 10, 39, 38, 5, 6]
+    np.testing.assert_array_equal(inputs["tokens"], np.array([row, row]))
+    np.testing.assert_array_equal(inputs["attention_mask"], np.ones((2, len(row))))
+    assert inputs["images"].shape == (2, 3, 32, 32, 3)
+    np.testing.assert_array_equal(inputs["images"][1, :2], shots)
+    np.testing.assert_array_equal(inputs["images"][:, 2], images)
+    zero = fam.decode_inputs(images, np.zeros((0,), np.int32))
+    np.testing.assert_array_equal(zero["tokens"], [[3, 38], [3, 38]])
+    with pytest.raises(ValueError, match=r"with 20 solved examples is 123 tokens, over the 58 that "
+                                         r"FlamingoConfig.lm_max_len=64 leaves"):
+        fam.few_shot_inputs(images, np.array([5]), np.repeat(shots[:1], 20, 0), [np.array([7, 8, 9])] * 20)
+
+
+def _stacked(params):
+    """Unrolled params -> the scanned layout: layer_stack's 'X_0', 'X_1', ... -> 'X' stacked."""
+    if not isinstance(params, dict):
+        return params
+    out, groups = {}, {}
+    for key, value in params.items():
+        m = re.fullmatch(r"(transformer|layers|blocks)_(\d+)", key)
+        if m:
+            groups.setdefault(m.group(1), {})[int(m.group(2))] = _stacked(value)
+        else:
+            out[key] = _stacked(value)
+    for name, layers_ in groups.items():
+        out[name] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[layers_[i] for i in sorted(layers_)])
+    return out
+
+
+def _inputs(fam, shots, n=3):
+    images = _images(n, seed=2)[:, 0]
+    prompt = np.array([5], np.int32)
+    if not shots:
+        return fam.decode_inputs(images, prompt)
+    return fam.few_shot_inputs(images, prompt, _images(shots, seed=3)[:, 0],
+                               [np.array([7 + i, 8]) for i in range(shots)])
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
+@pytest.mark.parametrize("shots", [0, 2])
+def test_cached_decoding_equals_teacher_forcing(scan, shots):
+    """decode_start/decode_step (prefill + KV cache) give caption_logits' logits at every step,
+    and the shared greedy decoder's tokens equal the no-cache reference's."""
+    unrolled = _family()
+    params = _params(unrolled)
+    fam = _family(scan_layers=scan)
+    if scan:
+        params = _stacked(params)
+    inputs = _inputs(fam, shots)
+    context = fam.encode(params, inputs)
+    captions = jnp.asarray(np.random.default_rng(6).integers(4, 38, (3, 5)), jnp.int32)
+    reference = fam.caption_logits(params, context, captions)
+    logits, cache = fam.decode_start(params, context)
+    steps = [logits]
+    for t in range(4):
+        logits, cache = fam.decode_step(params, cache, captions[:, t], context, jnp.int32(t + 1))
+        steps.append(logits)
+    np.testing.assert_allclose(np.stack(steps, 1), np.asarray(reference), atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(np.asarray(decoding.greedy_decode(fam, params, inputs)),
+                                  np.asarray(decoding.greedy_decode_no_cache(fam, params, inputs)))
+    # The images reach the logits.
+    swapped = fam.encode(params, {**inputs, "images": np.asarray(inputs["images"])[::-1].copy()})
+    assert np.abs(np.asarray(fam.caption_logits(params, swapped, captions)[0] - reference[0])).max() > 1e-3
+
+
+def test_beam_search_over_scanned_layers_matches_unrolled():
+    """Beams reorder the scanned KV cache along axis 1 but never the per-example decode state
+    (key mask, positions, <image> counts: decoding.PER_EXAMPLE_CACHE, axis 0)."""
+    unrolled, scanned = _family(), _family(scan_layers=True)
+    params = _params(unrolled)
+    # 4 rows x 2 beams = 8 = the cache length (prompt 2 + 6 new): the hazard's shape coincidence.
+    inputs = unrolled.decode_inputs(_images(4, seed=4)[:, 0], np.zeros((0,), np.int32))
+    beams = [decoding.beam_search(f, p, inputs, num_beams=2)
+             for f, p in ((unrolled, params), (scanned, _stacked(params)))]
+    np.testing.assert_array_equal(np.asarray(beams[0][0]), np.asarray(beams[1][0]))
+    np.testing.assert_allclose(np.asarray(beams[0][1]), np.asarray(beams[1][1]), rtol=1e-5)
+
+
+def test_caption_logits_scores_several_captions_per_image():
+    fam = _family()
+    params = _params(fam)
+    inputs = fam.decode_inputs(_images(2, seed=5)[:, 0], np.array([5], np.int32))
+    context = fam.encode(params, inputs)
+    captions = jnp.array([[7, 8, 1, 0], [9, 1, 0, 0], [10, 11, 12, 1], [7, 1, 0, 0]], jnp.int32)
+    both = fam.caption_logits(params, context, captions)  # rows 0, 1 -> image 0; 2, 3 -> image 1
+    for i in range(2):
+        one = jax.tree_util.tree_map(lambda x: x[i:i + 1], context)
+        for j in range(2):
+            alone = fam.caption_logits(params, one, captions[2 * i + j:2 * i + j + 1])
+            np.testing.assert_allclose(np.asarray(both[2 * i + j]), np.asarray(alone[0]), atol=1e-5)
+
+
+def test_check_batch_and_vocabulary_errors():
+    fam = _family()
+    tokens = np.full((2, 8), 5, np.int32)
+    tokens[1, [0, 3, 5]] = 38
+    with pytest.raises(ValueError, match=r"batch row 1 has 3 <image> tokens \(id 38\) but 2 images"):
+        fam.check_batch({"tokens": tokens, "image_mask": np.ones((2, 2), np.int32)})
+    fam.check_batch({"tokens": tokens[:1], "image_mask": np.ones((1, 2), np.int32)})
+
+    class Vocab:
+        vocab_size, eos_id = 36, 1
+    with pytest.raises(ValueError, match=r"FlamingoConfig.media_id=1 is the tokenizer's EOS or pad id"):
+        _family(media_id=1).check_vocabulary(Vocab())
+    assert fam.extra_token_ids() == (38, 39, 3)
+
+
+def test_frozen_training_moves_only_the_resampler_and_cross_attention():
+    """gin/models/flamingo_*.gin freeze with FROZEN_BY_DEFAULT: one step leaves the vision tower
+    and every LM weight bit-identical and changes the resampler and the gated blocks."""
+    fam = _family()
+    mesh = partitioning.make_mesh(data=-1, fsdp=1, tensor=1)
+    tx = train.make_optimizer(10, learning_rate=1e-2, warmup_steps=0, schedule="constant",
+                              frozen=flamingo.FROZEN_BY_DEFAULT)
+    trainer = train.Trainer(fam, mesh, tx)
+    state = trainer.init_state()
+    before = jax.device_get(state.params)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, 38, (8, 16)).astype(np.int32)
+    tokens[:, 0], tokens[:, 6] = 38, 38
+    batch = {"images": _images(8, 2), "image_mask": np.ones((8, 2), np.int32), "tokens": tokens,
+             "loss_mask": np.ones((8, 16), np.int32)}
+    for _ in range(2):  # step 1 moves the gates (0 at init: nothing behind them has a gradient yet)
+        state, _ = trainer.step(state, partitioning.host_batch_to_global(batch, mesh))
+    after = jax.device_get(state.params)
+    moved = {jax.tree_util.keystr(p): not np.array_equal(a, b) for (p, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(before)[0], jax.tree_util.tree_leaves(after))}
+    frozen = [re.compile(r) for r in flamingo.FROZEN_BY_DEFAULT]
+    path = lambda k: "/".join(re.findall(r"\['([^']+)'\]", k))  # noqa: E731
+    for key, changed in moved.items():
+        is_frozen = any(r.fullmatch(path(key)) for r in frozen)
+        assert changed != is_frozen, (key, changed)
+    assert any(k.startswith("['resampler']") for k, c in moved.items() if c)
+    assert any("gated_xattn" in k for k, c in moved.items() if c)
+
+
+def test_forward_flops_equal_compiled_matmuls():
+    """The analytic forward count equals the compiled forward's matmuls and convolutions
+    exactly (count_masked: XLA computes the full causal and media-masked matrices)."""
+    fam = _family()
+    cfg = fam.config
+    params = nn.meta.unbox(fam.abstract_params())
+    batch = jax.eval_shape(lambda: flamingo.dummy_batch(cfg, B))
+    fn = lambda p, b: fam.module.apply({"params": p}, b)["logits"]  # noqa: E731
+    compiled = jax.jit(fn).lower(params, batch).compile()
+    vision, rest = flamingo.forward_flops(cfg, count_masked=True)
+    assert hlo_matmul_flops(compiled.as_text()) / B == pytest.approx(vision + rest, rel=1e-9)
+
+
+def test_train_flops_match_xla():
+    """Loss + grads: the frozen vision tower runs forward only (stop_gradient), the rest 3x,
+    less what has no gradient to compute: the first resampler layer's media projections
+    (their input is the stop_gradient'ed vision output)."""
+    fam = _family()
+    cfg = fam.config
+    params = nn.meta.unbox(fam.abstract_params())
+    batch = jax.eval_shape(lambda: flamingo.dummy_batch(cfg, B))
+    loss = lambda p, b: fam.objective(p, b, jax.random.key(0), loss_weights={}).value  # noqa: E731
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params, batch).compile()
+    matmuls = hlo_matmul_flops(compiled.as_text()) / B
+    analytic = flamingo.train_flops_per_example(cfg, count_masked=True)
+    assert matmuls == pytest.approx(analytic, rel=0.02), matmuls / analytic
+
+
+def test_export_round_trip(tmp_path, dataset):
+    fam = _family(vocab_size=258, media_id=256, eoc_id=257, add_bos=False, bos_id=0)
+    params = _params(fam)
+    out = export.export(params, fam.config, dataset.vocab(), str(tmp_path / "export"), step=3)
+    model, loaded, _ = export.load_export(out)
+    assert registry.family_of(model) == fam
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
