@@ -17,18 +17,8 @@ from simvlm_jax.models.family import ModelFamily, count_params
 
 def random_batch(fam: ModelFamily, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A host batch of the family's training inputs with random pixels and token ids (never
-    zeros: they can run faster than real data)."""
-    rng = np.random.default_rng(seed)
-    vocab = fam.config.vocab_size
-    host = {k: np.array(v) for k, v in fam.dummy_batch(batch_size).items()}
-    host["image"] = rng.integers(0, 256, host["image"].shape, dtype=np.uint8)
-    if "prefix_tokens" in host:  # SimVLM: half the prefix slots hold text
-        half = host["prefix_tokens"].shape[1] // 2
-        host["prefix_tokens"][:, :half] = rng.integers(3, vocab, (batch_size, half))
-    for k in host:  # captions, targets, MLM inputs: random ids (special ids 0-2 excluded)
-        if k.endswith("_tokens") and k != "prefix_tokens":
-            host[k][:] = rng.integers(3, vocab, host[k].shape)
-    return host
+    zeros: they can run faster than real data); `ModelFamily.random_batch`."""
+    return fam.random_batch(batch_size, np.random.default_rng(seed))
 
 
 def time_train_step(fam: ModelFamily, mesh: jax.sharding.Mesh, batch_size: int, *, steps: int = 20,

@@ -68,6 +68,22 @@ class ModelFamily:
         """The training batch the model reads (names, shapes, dtypes); zeros."""
         raise NotImplementedError
 
+    def random_batch(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """`dummy_batch` with random pixels (uint8 features) and random token ids in
+        '*_tokens' features (special ids 0-2 excluded), for benchmarks: zeros can run faster
+        than real data. SimVLM-style 'prefix_tokens' get text in their first half."""
+        vocab = self.config.vocab_size
+        host = {k: np.array(v) for k, v in self.dummy_batch(batch_size).items()}
+        for k, v in host.items():
+            if v.dtype == np.uint8:
+                host[k] = rng.integers(0, 256, v.shape, dtype=np.uint8)
+            elif k == "prefix_tokens":
+                half = v.shape[1] // 2
+                v[:, :half] = rng.integers(3, vocab, (batch_size, half))
+            elif k.endswith("_tokens"):
+                v[:] = rng.integers(3, vocab, v.shape)
+        return host
+
     def init_params(self, rng: Array) -> Any:
         """Boxed (logically annotated) params of a new model."""
         return self.module.init({"params": rng, "dropout": rng}, self.dummy_batch())["params"]

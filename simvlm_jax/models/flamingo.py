@@ -701,6 +701,20 @@ class FlamingoFamily(family.ModelFamily):
     def dummy_batch(self, batch_size: int = 1) -> dict[str, Array]:
         return dummy_batch(self.config, batch_size)
 
+    def random_batch(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Every image used: the text is max_images chunks, each <image> + random ids, all
+        trained but the <image> tokens."""
+        cfg = self.config
+        host = {k: np.array(v) for k, v in self.dummy_batch(batch_size).items()}
+        host["images"] = rng.integers(0, 256, host["images"].shape, dtype=np.uint8)
+        host["image_mask"][:] = 1
+        tokens = rng.integers(3, min(cfg.media_id, cfg.eoc_id), host["tokens"].shape)
+        starts = np.arange(cfg.max_images) * (tokens.shape[1] // cfg.max_images)
+        tokens[:, starts] = cfg.media_id
+        host["tokens"] = tokens.astype(np.int32)
+        host["loss_mask"] = (tokens != cfg.media_id).astype(np.int32)
+        return host
+
     def objective(self, params, batch, rng, *, loss_weights, mesh=None, batch_axes=(),
                   aux_state=None) -> losses.Objective:
         cfg = self.config
