@@ -37,6 +37,10 @@ REFERENCE_COUNTS: dict[str, tuple[float | None, str]] = {
     # uses (tests/test_mplug_model.py derives them and itemizes our difference).
     "mplug_base": (345_455_735, "mPLUG-Base, AliceMind mPLUG code (config_bert_stride3.json, ViT-B/16)"),
     "mplug_large": (565_942_647, "mPLUG-Large, AliceMind mPLUG code (config_bert.json, ViT-L/14)"),
+    "flamingo_tiny": (None, "ours (CPU demo)"),
+    # The names are nominal ("3B", "9B"); our LMs are LLaMA-style with MPT-1B / LLaMA-7B shapes.
+    "flamingo_3b": (None, "OpenFlamingo-3B shapes (ViT-L/14, MPT-1B-sized LM, xattn every layer), arXiv 2308.01390"),
+    "flamingo_9b": (None, "OpenFlamingo-9B v1 shapes (ViT-L/14, LLaMA-7B, xattn every 4th), arXiv 2308.01390"),
 }
 
 
