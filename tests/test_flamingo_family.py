@@ -242,3 +242,78 @@ def test_export_round_trip(tmp_path, dataset):
     assert registry.family_of(model) == fam
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_flamingo_trains_evaluates_few_shot_and_exports_from_the_cli(tmp_path):
+    """gin/flamingo_demo.gin through `python -m simvlm_jax.main`: the loss falls on the built-in
+    interleaved data, the eval writes zero- and 4-shot results, and the export captions an
+    image through the caption CLI."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from conftest import REPO_ROOT, compile_cache_env
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **compile_cache_env(),
+               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
+    work, data = str(tmp_path / "run"), str(tmp_path / "data")
+    steps = 40
+    cmd = [sys.executable, "-m", "simvlm_jax.main", "--gin_file=gin/flamingo_demo.gin",
+           "--mode=prepare,train,eval,export", f"--gin.WORK_DIR='{work}'", f"--gin.DATA_DIR='{data}'",
+           f"--gin.NUM_STEPS={steps}", "--gin.BATCH_SIZE=16", "--gin.train.log_every=1",
+           "--gin.make_optimizer.warmup_steps=5", "--gin.make_manager.save_every=40",
+           "--gin.prepare_builtin.num_train=200", "--gin.prepare_builtin.num_heldout=16",
+           "--gin.prepare_builtin.num_text=300", "--gin.prepare_builtin.num_interleaved=100",
+           "--gin.evaluate_captioning.max_examples=8", "--gin.evaluate_captioning.batch_size=8",
+           "--gin.make_train_iterator.num_threads=1"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(os.path.join(work, "metrics.jsonl")) as f:
+        losses_ = {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+    first, last = losses_[1], np.mean([losses_[s] for s in range(steps - 4, steps + 1)])
+    assert last < first - 1.0, (first, last)
+    (eval_dir,) = [os.path.join(work, "eval", d) for d in os.listdir(os.path.join(work, "eval"))]
+    with open(os.path.join(eval_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert set(metrics["few_shot"]) == {"0", "4"} and "cider_4shot" in metrics["metrics"]
+    assert os.path.exists(os.path.join(eval_dir, "captions_4shot.json"))
+    assert "id='few-shot'" in open(os.path.join(eval_dir, "report.html")).read()
+    image = str(tmp_path / "scene.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+    cap = subprocess.run([sys.executable, "-m", "simvlm_jax.caption", "--export_dir", os.path.join(work, "export"),
+                          "--prompt", "", image], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert cap.returncode == 0, cap.stderr[-3000:]
+    assert cap.stdout.startswith(f"{image}\t"), cap.stdout
+
+
+def test_loss_and_grads_are_the_same_on_a_data_fsdp_tensor_mesh():
+    """The objective's loss and gradients (every parameter, gates non-zero) on data=8 and on
+    data 2 x fsdp 2 x tensor 2: the logical axis names of the new parameters and activations
+    shard without changing the math."""
+    fam = _family(lm_kv_heads=4)  # tensor 2 splits 4 query and 4 kv heads
+    boxed = fam.init_params(jax.random.key(0))
+    params = _params(fam)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, 38, (8, 16)).astype(np.int32)
+    tokens[:, 0], tokens[:, 6] = 38, 38
+    batch = {"images": _images(8, 2), "image_mask": np.ones((8, 2), np.int32), "tokens": tokens,
+             "loss_mask": (tokens != 38).astype(np.int32)}
+    loss = lambda p, b: fam.objective(p, b, jax.random.key(0), loss_weights={}).value  # noqa: E731
+    results = []
+    for axes in (dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2)):
+        mesh = partitioning.make_mesh(**axes)
+        shardings = partitioning.fit_to_shapes(partitioning.logical_to_sharding(
+            partitioning.logical_specs(boxed), mesh, partitioning.LOGICAL_AXIS_RULES), params)
+        with partitioning.activate(mesh):
+            value, grads = jax.jit(jax.value_and_grad(loss))(
+                jax.device_put(params, shardings), partitioning.host_batch_to_global(batch, mesh))
+        results.append((float(value), jax.device_get(grads)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    # float32 sums in another order: each leaf agrees to 1e-4 of its largest gradient.
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(results[0][1])[0],
+                            jax.tree_util.tree_leaves(results[1][1])):
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max() + 1e-7, jax.tree_util.keystr(path)
+    assert any(np.abs(g).max() > 0 for g in jax.tree_util.tree_leaves(results[1][1]["resampler"]))
