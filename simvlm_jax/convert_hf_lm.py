@@ -23,6 +23,8 @@ import os
 from typing import Any, Mapping
 
 import numpy as np
+from flax import serialization
+from safetensors import safe_open
 
 from simvlm_jax.models import flamingo
 
@@ -39,7 +41,6 @@ def _np(x) -> np.ndarray:
 def load_hf_dir(hf_dir: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(config.json as a dict, state_dict of numpy arrays) of a HF model directory with
     *.safetensors weights (bfloat16 tensors are read through safetensors' flax API)."""
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
         config_json = json.load(f)
     files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
@@ -193,7 +194,6 @@ def merge_lm(params: Mapping[str, Any], lm: Mapping[str, Any]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from flax import serialization  # pylint: disable=g-import-not-at-top
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hf_dir", required=True, help="HF model directory (config.json + *.safetensors)")
     ap.add_argument("--out", required=True, help="msgpack file of the 'lm' params")
