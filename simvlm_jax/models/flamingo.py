@@ -82,8 +82,10 @@ FROZEN_TRAIN_EMBEDDINGS = ("vision/.*", "lm/(final_norm|lm_head)/.*", r"lm/block
 class FlamingoConfig:
     """All Flamingo hyper-parameters; every field is a gin binding `FlamingoConfig.<field>`.
 
-    Defaults: a tiny CPU model. open_flamingo's checkpoints need `OPEN_FLAMINGO_FIXED` plus
-    their ViT / LM sizes (`convert_hf_lm.config_overrides_from_hf` gives the LM fields).
+    Defaults: a tiny ViT and LM with Flamingo's resampler (6 layers, 64 latents, 8 heads x 64)
+    and cross-attention (8 heads x 64) sizes, `OPEN_FLAMINGO_FIXED`, which open_flamingo's
+    checkpoints also need; gin/models/flamingo_*.gin set every size. The LM fields of a HF
+    checkpoint: `convert_hf_lm.config_overrides_from_hf`.
     """
     # Vision: open_clip CLIP ViT (class token, ln_pre, ln_post; the projection is not used).
     image_size: int = 32
@@ -97,11 +99,11 @@ class FlamingoConfig:
     image_mean: tuple[float, ...] = coca.OPENAI_MEAN  # for uint8 images (float = already normalized)
     image_std: tuple[float, ...] = coca.OPENAI_STD
     freeze_vision: bool = True      # stop_gradient on the vision tower output
-    # Perceiver resampler (width = vision_width).
-    resampler_depth: int = 2
-    resampler_latents: int = 8
-    resampler_heads: int = 2
-    resampler_head_dim: int = 16
+    # Perceiver resampler (width = vision_width); defaults: Flamingo's / open_flamingo's sizes.
+    resampler_depth: int = 6
+    resampler_latents: int = 64
+    resampler_heads: int = 8
+    resampler_head_dim: int = 64
     resampler_ff_mult: int = 4
     max_num_media: int = 0          # > 0: a learned [max_num_media, 1, vision_width] media-time table
     # LLaMA-style LM.
@@ -121,8 +123,8 @@ class FlamingoConfig:
     num_extra_tokens: int = 0
     # Gated cross-attention-dense blocks.
     cross_attn_every: int = 1       # before LM layer i iff (i + 1) % cross_attn_every == 0
-    xattn_heads: int = 2
-    xattn_head_dim: int = 16
+    xattn_heads: int = 8
+    xattn_head_dim: int = 64
     xattn_ff_mult: int = 4
     only_attend_immediate_media: bool = True
     # Training batch and generation shapes (the data task's max_images / max_len; captions).
