@@ -139,7 +139,7 @@ def compile_train_step(family: Any, devices: Sequence[Any], topology: str, batch
     # The donated state is updated in place, so arguments + temporaries is the step's peak.
     peak_bytes = int(stats.argument_size_in_bytes) + temp
     est = float(cost.get("optimal_seconds", 0.0)) if cost else 0.0
-    step_flops = family.train_flops_per_example() * batch_size
+    step_flops = family.train_flops_per_example(trainer.frozen) * batch_size
     return AotResult(
         topology=topology, chip=chip, chips=len(devices), mesh=dict(mesh.shape), global_batch_size=batch_size,
         microbatches=microbatches, remat_policy=str(getattr(family.config, "remat_policy", "n/a")),

@@ -14,7 +14,7 @@ import sys
 import flax.linen as nn
 import gin
 
-from simvlm_jax import gin_files
+from simvlm_jax import gin_files, train
 from simvlm_jax.models import registry
 from simvlm_jax.models.family import ModelFamily, count_params
 
@@ -54,21 +54,23 @@ class ModelRow:
     train_flops_per_example: float
 
 
-def load_model_family(path: str) -> ModelFamily:
-    """The family + config a model gin file selects (gin is cleared before and after)."""
+def load_model_family(path: str) -> tuple[ModelFamily, tuple[str, ...]]:
+    """The family + config a model gin file selects, and the params it freezes
+    (`make_optimizer.frozen`); gin is cleared before and after."""
     gin.clear_config()
     try:
         gin.parse_config_files_and_bindings([path], [], skip_unknown=True)
-        return registry.model_family()
+        return registry.model_family(), tuple(gin.get_bindings("make_optimizer").get("frozen", ()))
     finally:
         gin.clear_config()
 
 
 def model_row(path: str) -> ModelRow:
-    fam = load_model_family(path)
+    """Counts and training FLOPs (with the gin's frozen params, e.g. Flamingo's LM) of a config."""
+    fam, frozen = load_model_family(path)
     params = nn.meta.unbox(fam.abstract_params())
     return ModelRow(os.path.splitext(os.path.basename(path))[0], fam, count_params(params),
-                    count_params(params.get("pooler", {})), fam.train_flops_per_example())
+                    count_params(params.get("pooler", {})), fam.train_flops_per_example(frozen))
 
 
 def model_rows(gin_dir: str = GIN_MODELS_DIR) -> list[ModelRow]:

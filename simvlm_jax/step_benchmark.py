@@ -52,7 +52,7 @@ def time_train_step(fam: ModelFamily, mesh: jax.sharding.Mesh, batch_size: int, 
         times.append(time.perf_counter() - t)
     step_sec = float(np.median(times))
     ex_per_sec = batch_size / step_sec
-    per_example = fam.train_flops_per_example()
+    per_example = fam.train_flops_per_example(trainer.frozen)
     peak = flops.peak_flops_per_device()
     n = jax.device_count()
     cfg = fam.config

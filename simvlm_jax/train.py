@@ -51,17 +51,37 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
+class Optimizer(tuple):
+    """`make_optimizer`'s (optax transform, lr schedule), unpacked as a pair; `frozen`: the
+    regexes of the params it never updates, whose weight gradients the Trainer then does not
+    compute (a frozen LM still passes gradients through to what trains before it)."""
+
+    def __new__(cls, tx: optax.GradientTransformation, lr_schedule: Callable, frozen: tuple[str, ...] = ()):
+        self = super().__new__(cls, (tx, lr_schedule))
+        self.frozen = tuple(frozen)
+        return self
+
+
+def stop_frozen_gradients(params: Any, frozen: tuple[str, ...]) -> Any:
+    """`params` with `lax.stop_gradient` on the leaves whose '/'-joined path fully matches one of
+    the `frozen` regexes: XLA then skips their weight-gradient matmuls."""
+    patterns = [re.compile(p) for p in frozen]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.lax.stop_gradient(x) if any(p.fullmatch(_path_str(path)) for p in patterns) else x,
+        params)
+
+
 @gin.configurable
 def make_optimizer(total_steps: int, name: str = "adamw", learning_rate: float = 1e-3,
                    warmup_steps: int = 1000, schedule: str = "cosine", end_lr_fraction: float = 0.0,
                    weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                    clip_norm: float | None = 1.0, moment_dtype: str | None = None,
-                   frozen: tuple[str, ...] = ()) -> tuple[optax.GradientTransformation, Callable]:
+                   frozen: tuple[str, ...] = ()) -> Optimizer:
     """Optimizer from gin: 'adamw' or 'adafactor' (CoCa's, with momentum b1), linear warmup
     then `schedule` ('cosine' | 'linear' | 'rsqrt' | 'constant'), global-norm clipping,
     decoupled weight decay on kernels only, `moment_dtype='bfloat16'` for a smaller
     optimizer state, and `frozen`: regexes of param paths ('encoder/.*') that get no
-    updates and no optimizer state."""
+    updates, no optimizer state and no weight gradients."""
     if not 0 <= float(learning_rate) <= float(np.finfo(np.float32).max):
         raise ValueError(f"make_optimizer.learning_rate={learning_rate} must be >= 0 and finite in float32")
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
@@ -100,7 +120,7 @@ def make_optimizer(total_steps: int, name: str = "adamw", learning_rate: float =
                 lambda path, _: "frozen" if any(p.fullmatch(_path_str(path)) for p in patterns) else "train",
                 params)
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, label)
-    return tx, lr
+    return Optimizer(tx, lr, frozen)
 
 
 def _path_str(path) -> str:
@@ -142,6 +162,7 @@ class Trainer:
         self.batch_axes = partitioning.batch_mesh_axes(mesh, self.rules)
         self.seed = seed
         self.tx, self.lr_schedule = optimizer
+        self.frozen = tuple(getattr(optimizer, "frozen", ()))
 
         def init_boxed(rng):
             params = self.family.init_params(rng)
@@ -177,6 +198,8 @@ class Trainer:
     def _objective(self, params, batch, rng, aux_state):
         """(value to differentiate, (weight, metric sums, aux outputs)) of one (micro)batch;
         see the class doc."""
+        if self.frozen:  # frozen params: no weight gradients to compute
+            params = stop_frozen_gradients(params, self.frozen)
         obj = self.family.objective(params, batch, rng, loss_weights=self.loss_weights, mesh=self.mesh,
                                     batch_axes=self.batch_axes, aux_state=aux_state)
         return obj.value, (obj.weight, obj.sums, obj.aux_outputs)
@@ -359,7 +382,7 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
         log.info("Resumed from %s at step %d", manager.directory, start)
     writer.write_config(gin.config_str(), dict(mesh.shape), count_params(state.params))
 
-    flops_per_example = family.train_flops_per_example()
+    flops_per_example = family.train_flops_per_example(trainer.frozen)
     peak = flops.peak_flops_per_device()
     tokens_per_example = family.tokens_per_example()
 

@@ -597,7 +597,7 @@ class CoCaFamily(family.ModelFamily):
     def tokens_per_example(self) -> int:
         return self.config.num_patches + self.config.max_text_len + 1
 
-    def train_flops_per_example(self) -> float:
+    def train_flops_per_example(self, frozen=()) -> float:  # frozen params counted as trained
         return flops.coca_train_flops_per_example(self.config)
 
     def describe(self) -> str:

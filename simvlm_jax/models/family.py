@@ -153,8 +153,10 @@ class ModelFamily:
         """Image + text tokens one training example feeds the model (for tokens/s)."""
         raise NotImplementedError
 
-    def train_flops_per_example(self) -> float:
-        """Analytic training FLOPs of one image-text example (forward + backward), for MFU."""
+    def train_flops_per_example(self, frozen: Sequence[str] = ()) -> float:
+        """Analytic training FLOPs of one image-text example (forward + backward), for MFU.
+        `frozen`: the optimizer's frozen-param regexes (`train.Optimizer.frozen`), whose weight
+        gradients are not computed; a family may count them as trained (3x forward)."""
         raise NotImplementedError
 
     def describe(self) -> str:

@@ -42,6 +42,7 @@ Every parameter carries logical axis names and the main activations are constrai
 from __future__ import annotations
 
 import dataclasses
+import re
 import functools
 from typing import Any, Mapping
 
@@ -70,10 +71,10 @@ OPEN_FLAMINGO_FIXED = dict(resampler_depth=6, resampler_latents=64, resampler_he
 # `make_optimizer.frozen` regexes (re.fullmatch on '/'-joined param paths) that freeze the vision
 # tower and the LM's own weights (token table, layers, final norm, lm_head) and train the
 # resampler, the gated cross-attention blocks and, when num_extra_tokens > 0, `lm/extra_embed`
-# (the new tokens' input embeddings), as open_flamingo trains with freeze_lm_embeddings=True.
+# (the new tokens' input embeddings): with those, open_flamingo's default (freeze_lm_embeddings=False).
 FROZEN_BY_DEFAULT = ("vision/.*", "lm/(embed|final_norm|lm_head)/.*", r"lm/blocks(_\d+)?/decoder_\d+/.*")
 # The same, with the LM's whole input token table trainable (open_flamingo's
-# freeze_lm_embeddings=False).
+# freeze_lm_embeddings=False trains only the new tokens' rows: num_extra_tokens does that).
 FROZEN_TRAIN_EMBEDDINGS = ("vision/.*", "lm/(final_norm|lm_head)/.*", r"lm/blocks(_\d+)?/decoder_\d+/.*")
 
 
@@ -99,6 +100,10 @@ class FlamingoConfig:
     image_mean: tuple[float, ...] = coca.OPENAI_MEAN  # for uint8 images (float = already normalized)
     image_std: tuple[float, ...] = coca.OPENAI_STD
     freeze_vision: bool = True      # stop_gradient on the vision tower output
+    # ln_post on the patch tokens, as open_clip >= 2.24 returns them (open_flamingo on today's
+    # open_clip). Older open_clip applied ln_post to the pooled output only; checkpoints trained
+    # on it (OpenFlamingo's releases used open_clip 2.x) may need False: not verified offline.
+    vision_tokens_ln_post: bool = True
     # Perceiver resampler (width = vision_width); defaults: Flamingo's / open_flamingo's sizes.
     resampler_depth: int = 6
     resampler_latents: int = 64
@@ -174,6 +179,12 @@ class FlamingoConfig:
         check(self.media_id != self.pad_id, "media_id", "must differ from pad_id")
         check(0 <= self.num_extra_tokens < self.vocab_size, "num_extra_tokens",
               f"must lie in [0, vocab_size={self.vocab_size})")
+        first_extra = self.vocab_size - self.num_extra_tokens
+        check(not self.num_extra_tokens or min(self.media_id, self.eoc_id) >= first_extra, "num_extra_tokens",
+              f"the trainable rows are ids {first_extra}.. but media_id={self.media_id} / eoc_id={self.eoc_id} "
+              f"lie below; set num_extra_tokens={self.vocab_size - min(self.media_id, self.eoc_id)}")
+        check(not self.add_bos or self.bos_id not in (self.media_id, self.eoc_id), "bos_id",
+              "must differ from media_id and eoc_id")
         check(self.max_images >= 1, "max_images", "must be >= 1")
         check(0 <= self.max_text_len <= self.lm_max_len, "max_text_len", f"must lie in [0, lm_max_len={self.lm_max_len}]")
         check(1 <= self.max_caption_len < self.lm_max_len, "max_caption_len",
@@ -237,7 +248,8 @@ class VisionTower(nn.Module):
     def __call__(self, images: Array, deterministic: bool = True) -> Array:
         cfg = self.config
         x = coca.VisionEncoder(vision_config(cfg), name="vit")(images, deterministic)
-        x = layers.layer_norm("ln_post", eps=cfg.vision_layer_norm_eps, **_kw(cfg))(x)
+        normed = layers.layer_norm("ln_post", eps=cfg.vision_layer_norm_eps, **_kw(cfg))(x)  # params either way
+        x = normed if cfg.vision_tokens_ln_post else x
         return layers.constrain(x[:, 1:], layers.BATCH_LENGTH_EMBED)
 
 
@@ -745,19 +757,31 @@ class FlamingoFamily(family.ModelFamily):
     def check_vocabulary(self, vocab) -> None:
         cfg = self.config
         pieces = vocab.vocab_size
-        for field in ("media_id", "eoc_id"):
+        processor = getattr(vocab, "tokenizer", None)  # SentencePiece's processor, if any
+        for field, name in (("media_id", "<image>"), ("eoc_id", "<|endofchunk|>")):
             i = getattr(cfg, field)
-            if i < pieces and i in (vocab.eos_id, cfg.pad_id):
-                raise ValueError(f"FlamingoConfig.{field}={i} is the tokenizer's EOS or pad id; use an id past its "
-                                 f"{pieces} pieces (e.g. media_id={pieces}, eoc_id={pieces + 1})")
+            if i >= pieces:
+                continue  # a new token past the tokenizer's pieces (the usual case)
+            piece = processor.id_to_piece(i) if hasattr(processor, "id_to_piece") else None
+            if i in (vocab.eos_id, cfg.pad_id) or piece != name:
+                raise ValueError(f"FlamingoConfig.{field}={i} is the tokenizer's piece {piece!r}, not {name}; use an "
+                                 f"id past its {pieces} pieces (e.g. media_id={pieces}, eoc_id={pieces + 1})")
         super().check_vocabulary(vocab)
 
     def tokens_per_example(self) -> int:
         cfg = self.config
         return cfg.max_images * cfg.num_patches + (cfg.max_text_len or cfg.lm_max_len)
 
-    def train_flops_per_example(self) -> float:
-        return train_flops_per_example(self.config)
+    def train_flops_per_example(self, frozen=()) -> float:
+        return train_flops_per_example(self.config, lm_frozen=self.lm_frozen(frozen))
+
+    def lm_frozen(self, frozen) -> bool:
+        """Whether the `frozen` regexes cover every weight of the LM's own layers and head."""
+        patterns = [re.compile(p) for p in frozen]
+        paths = ["/".join(str(getattr(k, "key", k)) for k in path)
+                 for path, _ in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(self.abstract_params()))[0]]
+        lm = [p for p in paths if re.fullmatch(r"lm/(lm_head|blocks(_\d+)?/decoder_\d+)/.*", p)]
+        return bool(patterns) and all(any(r.fullmatch(p) for r in patterns) for p in lm)
 
     def describe(self) -> str:
         cfg = self.config
@@ -814,16 +838,23 @@ class FlamingoFamily(family.ModelFamily):
         media = self.module.apply({"params": params}, inputs["images"], method=Flamingo.encode_media)
         return {"media": media, "tokens": inputs["tokens"], "attention_mask": inputs["attention_mask"]}
 
+    def _never_generated(self, logits: Array) -> Array:
+        """A caption never holds <image> (it would start a new media chunk: the per-example
+        <image> count in the cache must stay equal across beams) nor BOS."""
+        cfg = self.config
+        ids = [cfg.media_id] + ([cfg.bos_id] if cfg.add_bos else [])
+        return logits.at[..., jnp.asarray(ids)].set(-jnp.inf)
+
     def decode_start(self, params, context):
         max_len = context["tokens"].shape[1] + self.config.max_caption_len
         logits, mutated = self.decoder.apply({"params": params}, context["tokens"], context["attention_mask"],
                                              context["media"], max_len, method=Flamingo.prefill, mutable=["cache"])
-        return logits[:, -1], mutated["cache"]
+        return self._never_generated(logits[:, -1]), mutated["cache"]
 
     def decode_step(self, params, cache, tokens, context, t):
         logits, mutated = self.decoder.apply({"params": params, "cache": cache}, tokens[:, None],
                                              method=Flamingo.step, mutable=["cache"])
-        return logits[:, -1], mutated["cache"]
+        return self._never_generated(logits[:, -1]), mutated["cache"]
 
     def caption_logits(self, params, context, tokens):
         prompt, mask, media = context["tokens"], context["attention_mask"], context["media"]
@@ -834,7 +865,7 @@ class FlamingoFamily(family.ModelFamily):
         full_mask = jnp.concatenate([mask, jnp.ones(tokens[:, :-1].shape, mask.dtype)], axis=1)
         logits = self.module.apply({"params": params}, seq, media, full_mask, method=Flamingo.lm_logits)
         p = prompt.shape[1]
-        return logits[:, p - 1:p - 1 + tokens.shape[1]]
+        return self._never_generated(logits[:, p - 1:p - 1 + tokens.shape[1]])
 
     def target_layout(self) -> tuple[int, bool]:
         return self.config.max_caption_len, False
@@ -887,9 +918,19 @@ def forward_flops(cfg: FlamingoConfig, count_masked: bool = False) -> tuple[floa
     return cfg.max_images * _vision_flops(cfg), rest
 
 
-def train_flops_per_example(cfg: FlamingoConfig, count_masked: bool = False) -> float:
+def train_flops_per_example(cfg: FlamingoConfig, count_masked: bool = False, lm_frozen: bool = False) -> float:
     """Training FLOPs of one example: the vision tower forward only when frozen (its output is
-    stop_gradient'ed), 3x forward for the rest. The frozen LM still runs its backward pass: the
-    gradient reaches the cross-attention blocks through it."""
+    stop_gradient'ed), 3x forward for the rest; with `lm_frozen` (the trainer's stop_gradient
+    on frozen params) the LM's weight gradients are not computed, and neither is the backward
+    pass of the LM layers before the first cross-attention block (nothing before them trains).
+    A frozen LM still runs the rest of its backward pass: the gradient reaches the
+    cross-attention blocks through it."""
     vision, rest = forward_flops(cfg, count_masked)
-    return (vision if cfg.freeze_vision else 3 * vision) + 3 * rest
+    total = (vision if cfg.freeze_vision else 3 * vision) + 3 * rest
+    if lm_frozen:
+        t = cfg.max_text_len or cfg.lm_max_len
+        core = flops._attention_core(t, t, cfg.lm_heads * cfg.head_dim, causal=True, count_masked=count_masked)
+        dense = _lm_flops(cfg, t, count_masked) - cfg.lm_layers * core  # weight matmuls, forward
+        dense_layer = (dense - flops._dense(t, cfg.lm_width, cfg.vocab_size)) / cfg.lm_layers
+        total -= dense + (cfg.cross_attn_every - 1) * (dense_layer + 2 * core)
+    return total

@@ -616,7 +616,7 @@ class MPLUGFamily(family.ModelFamily):
         cfg = self.config
         return cfg.num_image_tokens + cfg.max_text_len + 1 + cfg.max_target_len
 
-    def train_flops_per_example(self) -> float:
+    def train_flops_per_example(self, frozen=()) -> float:  # frozen params counted as trained
         return train_flops_per_example(self.config)
 
     def describe(self) -> str:

@@ -337,7 +337,7 @@ class SimVLMFamily(family.ModelFamily):
         cfg = self.config
         return cfg.num_image_tokens + cfg.max_prefix_len + cfg.max_target_len
 
-    def train_flops_per_example(self) -> float:
+    def train_flops_per_example(self, frozen=()) -> float:  # frozen params counted as trained
         return flops.simvlm_train_flops_per_example(self.config)
 
     def describe(self) -> str:
