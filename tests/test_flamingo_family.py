@@ -76,8 +76,10 @@ def test_few_shot_prompt_layout_and_length_check():
     assert inputs["images"].shape == (2, 3, 32, 32, 3)
     np.testing.assert_array_equal(inputs["images"][1, :2], shots)
     np.testing.assert_array_equal(inputs["images"][:, 2], images)
+    np.testing.assert_array_equal(inputs["shared_shots"], [1, 1])
     zero = fam.decode_inputs(images, np.zeros((0,), np.int32))
     np.testing.assert_array_equal(zero["tokens"], [[3, 38], [3, 38]])
+    assert "shared_shots" not in zero
     with pytest.raises(ValueError, match=r"with 20 solved examples is 123 tokens, over the 58 that "
                                          r"FlamingoConfig.lm_max_len=64 leaves"):
         fam.few_shot_inputs(images, np.array([5]), np.repeat(shots[:1], 20, 0), [np.array([7, 8, 9])] * 20)
@@ -148,6 +150,20 @@ def test_beam_search_over_scanned_layers_matches_unrolled():
              for f, p in ((unrolled, params), (scanned, _stacked(params)))]
     np.testing.assert_array_equal(np.asarray(beams[0][0]), np.asarray(beams[1][0]))
     np.testing.assert_allclose(np.asarray(beams[0][1]), np.asarray(beams[1][1]), rtol=1e-5)
+
+
+def test_shared_solved_examples_are_encoded_once_with_the_same_media():
+    """`encode` runs the vision tower + resampler on the shared solved examples once (row 0),
+    and gives the media of encoding every row's images."""
+    fam = _family()
+    params = _params(fam)
+    inputs = _inputs(fam, shots=3, n=4)
+    shared = fam.encode(params, inputs)["media"]
+    each = fam.encode(params, {k: v for k, v in inputs.items() if k != "shared_shots"})["media"]
+    np.testing.assert_allclose(np.asarray(shared), np.asarray(each), atol=1e-5)
+    hlo = jax.jit(fam.encode).lower(params, inputs).compile().as_text()
+    assert hlo_matmul_flops(hlo) < 0.5 * hlo_matmul_flops(jax.jit(fam.encode).lower(
+        params, {k: v for k, v in inputs.items() if k != "shared_shots"}).compile().as_text())
 
 
 def test_caption_logits_scores_several_captions_per_image():

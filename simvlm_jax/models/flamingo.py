@@ -832,10 +832,23 @@ class FlamingoFamily(family.ModelFamily):
         b = len(images)
         media = np.concatenate([np.broadcast_to(shot_images[None], (b, *shot_images.shape)), images[:, None]], 1)
         row = np.asarray(tokens, np.int32)
-        return {"images": media, "tokens": np.tile(row, (b, 1)), "attention_mask": np.ones((b, len(row)), np.int32)}
+        out = {"images": media, "tokens": np.tile(row, (b, 1)), "attention_mask": np.ones((b, len(row)), np.int32)}
+        if len(shot_ids):  # marks the images before the last as the same in every row (see `encode`)
+            out["shared_shots"] = np.ones((b,), np.int32)
+        return out
 
     def encode(self, params, inputs) -> dict[str, Array]:
-        media = self.module.apply({"params": params}, inputs["images"], method=Flamingo.encode_media)
+        """Media, prompt and mask. The solved examples' images, the same in every row
+        (`shared_shots`), are encoded once, from row 0 (unless a media-time embedding makes an
+        image's latents depend on its position)."""
+        images = inputs["images"]
+        run = lambda x: self.module.apply({"params": params}, x, method=Flamingo.encode_media)  # noqa: E731
+        if "shared_shots" in inputs and not self.config.max_num_media:
+            shots = run(images[:1, :-1])
+            media = jnp.concatenate([jnp.broadcast_to(shots, (images.shape[0], *shots.shape[1:])),
+                                     run(images[:, -1:])], axis=1)
+        else:
+            media = run(images)
         return {"media": media, "tokens": inputs["tokens"], "attention_mask": inputs["attention_mask"]}
 
     def _never_generated(self, logits: Array) -> Array:
