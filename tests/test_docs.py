@@ -36,7 +36,9 @@ MAIN_TINY = ("--gin.NUM_STEPS=2 --gin.BATCH_SIZE=8 --gin.train.log_every=1 --gin
 RULES: list[tuple[str, str]] = [
     (r"^bash tests/run\.sh", "skip: the test suite itself"),
     (r"^bash launch/demo\.sh", "run"),
-    (r"^python -m simvlm_jax\.main ", "run"),
+    (r"^python -m simvlm_jax\.main (?!--gin_file=gin/flamingo_demo\.gin)", "run"),
+    (r"^python -m simvlm_jax\.main --gin_file=gin/flamingo_demo\.gin",
+     "skip: tests/test_flamingo_family.py runs it (tiny settings, 0- and 4-shot eval, export, caption CLI)"),
     (r"^python -m simvlm_jax\.data\.tokenizer ", "run"),
     (r"^python -m simvlm_jax\.data\.convert ", "run"),
     (r"^python -m simvlm_jax\.benchmark (memory|step|data|decode) ", "run"),

@@ -51,8 +51,8 @@ def test_objective_is_the_masked_next_token_nll():
     tokens[:, 0], tokens[:, 5] = 38, 38  # two images per row
     mask = (rng.random((3, 16)) < 0.6).astype(np.int32)
     batch = {"images": _images(3, 2), "image_mask": np.ones((3, 2), np.int32), "tokens": tokens, "loss_mask": mask}
-    obj = fam.objective(params, batch, jax.random.key(0), loss_weights={})
-    logits = np.asarray(fam.module.apply({"params": params}, batch)["logits"], np.float64)
+    obj = jax.jit(lambda p, b: fam.objective(p, b, jax.random.key(0), loss_weights={}))(params, batch)
+    logits = np.asarray(jax.jit(fam.module.apply)({"params": params}, batch)["logits"], np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     nll = -np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
@@ -110,8 +110,7 @@ def _inputs(fam, shots, n=3):
                                [np.array([7 + i, 8]) for i in range(shots)])
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
-@pytest.mark.parametrize("shots", [0, 2])
+@pytest.mark.parametrize("scan,shots", [(False, 0), (True, 2)], ids=["unrolled-0shot", "scan-2shot"])
 def test_cached_decoding_equals_teacher_forcing(scan, shots):
     """decode_start/decode_step (prefill + KV cache) give caption_logits' logits at every step,
     and the shared greedy decoder's tokens equal the no-cache reference's."""
@@ -121,20 +120,22 @@ def test_cached_decoding_equals_teacher_forcing(scan, shots):
     if scan:
         params = _stacked(params)
     inputs = _inputs(fam, shots)
-    context = fam.encode(params, inputs)
+    encode, caption_logits = jax.jit(fam.encode), jax.jit(fam.caption_logits)  # eager flax is slow
+    context = encode(params, inputs)
     captions = jnp.asarray(np.random.default_rng(6).integers(4, 38, (3, 5)), jnp.int32)
-    reference = fam.caption_logits(params, context, captions)
-    logits, cache = fam.decode_start(params, context)
+    reference = caption_logits(params, context, captions)
+    logits, cache = jax.jit(fam.decode_start)(params, context)
     steps = [logits]
+    step = jax.jit(fam.decode_step)
     for t in range(4):
-        logits, cache = fam.decode_step(params, cache, captions[:, t], context, jnp.int32(t + 1))
+        logits, cache = step(params, cache, captions[:, t], context, jnp.int32(t + 1))
         steps.append(logits)
     np.testing.assert_allclose(np.stack(steps, 1), np.asarray(reference), atol=1e-4, rtol=1e-4)
     np.testing.assert_array_equal(np.asarray(decoding.greedy_decode(fam, params, inputs)),
                                   np.asarray(decoding.greedy_decode_no_cache(fam, params, inputs)))
     # The images reach the logits.
-    swapped = fam.encode(params, {**inputs, "images": np.asarray(inputs["images"])[::-1].copy()})
-    diff = np.abs(np.asarray(fam.caption_logits(params, swapped, captions)[0] - reference[0]))
+    swapped = encode(params, {**inputs, "images": np.asarray(inputs["images"])[::-1].copy()})
+    diff = np.abs(np.asarray(caption_logits(params, swapped, captions)[0] - reference[0]))
     assert np.nanmax(diff) > 1e-3  # (NaN: -inf - -inf at <image> and BOS, never generated)
     assert np.all(np.asarray(reference)[..., [38, 3]] == -np.inf)
 
@@ -158,9 +159,9 @@ def test_shared_solved_examples_are_encoded_once_with_the_same_media():
     fam = _family()
     params = _params(fam)
     inputs = _inputs(fam, shots=3, n=4)
-    shared = fam.encode(params, inputs)["media"]
-    each = fam.encode(params, {k: v for k, v in inputs.items() if k != "shared_shots"})["media"]
-    np.testing.assert_allclose(np.asarray(shared), np.asarray(each), atol=1e-5)
+    shared = jax.jit(fam.encode)(params, inputs)["media"]
+    each = jax.jit(fam.encode)(params, {k: v for k, v in inputs.items() if k != "shared_shots"})["media"]
+    np.testing.assert_allclose(np.asarray(shared), np.asarray(each), atol=1e-4)  # other batch shapes: other fusions
     hlo = jax.jit(fam.encode).lower(params, inputs).compile().as_text()
     assert hlo_matmul_flops(hlo) < 0.5 * hlo_matmul_flops(jax.jit(fam.encode).lower(
         params, {k: v for k, v in inputs.items() if k != "shared_shots"}).compile().as_text())
@@ -170,7 +171,7 @@ def test_caption_logits_scores_several_captions_per_image():
     fam = _family()
     params = _params(fam)
     inputs = fam.decode_inputs(_images(2, seed=5)[:, 0], np.array([5], np.int32))
-    context = fam.encode(params, inputs)
+    context = jax.jit(fam.encode)(params, inputs)
     captions = jnp.array([[7, 8, 1, 0], [9, 1, 0, 0], [10, 11, 12, 1], [7, 1, 0, 0]], jnp.int32)
     both = fam.caption_logits(params, context, captions)  # rows 0, 1 -> image 0; 2, 3 -> image 1
     for i in range(2):
