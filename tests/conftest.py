@@ -115,7 +115,8 @@ def register_builtin(ds: Dataset, image_size: int = DATA_IMAGE_SIZE, max_prefix_
 # of two workers (--dist loadfile) in collection order, so a long file collected last would run
 # alone at the end. Longest first keeps both workers busy to the end.
 LONGEST_FIRST = ("test_scaleout.py", "test_docs.py", "test_coca_train.py", "test_launch_local.py",
-                 "test_mplug_train.py", "test_mplug_objectives.py", "test_open_clip_e2e.py", "test_flops.py", "test_sharding_equivalence.py",
+                 "test_mplug_train.py", "test_mplug_objectives.py", "test_open_clip_e2e.py", "test_flamingo_family.py", "test_flops.py", "test_sharding_equivalence.py",
+                 "test_flamingo_model.py",
                  "test_train.py", "test_coca_cli.py")
 
 
