@@ -173,8 +173,10 @@ def greedy_decode_no_cache(model: Model, params, inputs: dict[str, Any], max_len
 # ----------------------------------------------------------------------------- beam search
 
 # Cache entries equal across the beams of an example, never reordered: cross-attention keys /
-# values of the image, and the prompt's key-padding mask, next position and <image> count.
-PER_EXAMPLE_CACHE = ("cross_key", "cross_value", "key_mask", "position", "num_media")
+# values of the image, and any entry a family names 'per_example_*' (e.g. Flamingo's prompt
+# key-padding mask, next position and <image> count, outside its scanned layers).
+PER_EXAMPLE_CACHE = ("cross_key", "cross_value")
+PER_EXAMPLE_PREFIX = "per_example_"
 
 
 def gather_beams(cache: Any, flat_index: jax.Array, batch_axis: int, num_rows: int) -> Any:
@@ -184,11 +186,11 @@ def gather_beams(cache: Any, flat_index: jax.Array, batch_axis: int, num_rows: i
     `batch_axis` is 0 for unrolled layers and 1 for scanned ones (the cache then has a
     leading layers axis). Scalars/per-layer `cache_index` are left alone, and so is what is the
     same for every beam of an example: the cross-attention keys/values and per-row decode state
-    outside the layers (`PER_EXAMPLE_CACHE`; its batch axis is 0 even with scanned layers).
+    outside the layers (`PER_EXAMPLE_PREFIX`; its batch axis is 0 even with scanned layers).
     """
     def gather(path, x):
         name = getattr(path[-1], "key", None)
-        if name in PER_EXAMPLE_CACHE:
+        if name in PER_EXAMPLE_CACHE or str(name).startswith(PER_EXAMPLE_PREFIX):
             return x
         if x.ndim > batch_axis and x.shape[batch_axis] == num_rows:
             return jnp.take(x, flat_index, axis=batch_axis)

@@ -142,7 +142,7 @@ def test_cached_decoding_equals_teacher_forcing(scan, shots):
 
 def test_beam_search_over_scanned_layers_matches_unrolled():
     """Beams reorder the scanned KV cache along axis 1 but never the per-example decode state
-    (key mask, positions, <image> counts: decoding.PER_EXAMPLE_CACHE, axis 0)."""
+    (key mask, positions, <image> counts: cache entries named decoding.PER_EXAMPLE_PREFIX + ..., axis 0)."""
     unrolled, scanned = _family(), _family(scan_layers=True)
     params = _params(unrolled)
     # 4 rows x 2 beams = 8 = the cache length (prompt 2 + 6 new): the hazard's shape coincidence.

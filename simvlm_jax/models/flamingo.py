@@ -561,9 +561,9 @@ class FlamingoLM(nn.Module):
             raise ValueError("Flamingo.prefill needs a fresh cache (apply without a 'cache' collection)" if prefill
                              else "Flamingo.step needs the cache that Flamingo.prefill created")
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-        key_mask = self.variable("cache", "key_mask", jnp.zeros, (b, max_len), bool)
-        position = self.variable("cache", "position", jnp.zeros, (b,), jnp.int32)   # next position
-        num_media = self.variable("cache", "num_media", jnp.zeros, (b,), jnp.int32)  # <image> tokens so far
+        key_mask = self.variable("cache", "per_example_key_mask", jnp.zeros, (b, max_len), bool)
+        position = self.variable("cache", "per_example_position", jnp.zeros, (b,), jnp.int32)   # next position
+        num_media = self.variable("cache", "per_example_num_media", jnp.zeros, (b,), jnp.int32)  # <image> tokens so far
         i = index.value
         slots = jnp.arange(key_mask.value.shape[1])
         query_slots = i + jnp.arange(t)
