@@ -312,8 +312,8 @@ def test_prefill_and_steps_reproduce_teacher_forcing(small_model, scan):
     err = float(np.abs(got[real] - np.asarray(ref)[real]).max())
     assert err < 1e-5, err
     assert int(cache["lm"]["index"]) == prompt_len + new
-    np.testing.assert_array_equal(cache["lm"]["position"], np.asarray(lengths) + new)
-    np.testing.assert_array_equal(cache["lm"]["num_media"], [2, 2, 1])
+    np.testing.assert_array_equal(cache["lm"]["per_example_position"], np.asarray(lengths) + new)
+    np.testing.assert_array_equal(cache["lm"]["per_example_num_media"], [2, 2, 1])
     with pytest.raises(ValueError, match="needs the cache"):
         dec.apply({"params": params}, full[:, :1], method=flamingo.Flamingo.step, mutable=["cache"])
 
