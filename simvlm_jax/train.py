@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from orbax.checkpoint import multihost as ocp_multihost
 
 from simvlm_jax import checkpointing, export, flops, partitioning, storage
 from simvlm_jax.metric_writer import MetricWriter, StepTimer, format_progress
@@ -186,6 +187,7 @@ class Trainer:
                              in_shardings=(self.state_shardings, self.batch_shardings),
                              out_shardings=(self.state_shardings, partitioning.replicated(mesh)),
                              donate_argnums=(0,))
+        self._compiled: dict[tuple, Any] = {}  # compile_step's executables, by batch signature
 
     def activate(self):
         """Context in which logical axis names resolve to this mesh."""
@@ -287,9 +289,22 @@ class Trainer:
                    "nonfinite_consecutive": new_state.nonfinite_consecutive}
         return new_state, metrics
 
-    def step(self, state: TrainState, batch: dict[str, jax.Array]):
+    def compile_step(self, state: TrainState, batch: dict[str, jax.Array]):
+        """Compiles the train step for these arguments' shapes and shardings now (jit would on the
+        first call); `step` then runs this executable for batches like `batch`. The loop compiles
+        before its first step so that every process can finish compiling before any of them
+        starts the step's collectives (see `train`)."""
+        inputs = self.model_inputs(batch)
         with self.activate():
-            return self._step(state, self.model_inputs(batch))
+            compiled = self._step.lower(state, inputs).compile()
+        self._compiled[_signature(inputs)] = compiled
+        return compiled
+
+    def step(self, state: TrainState, batch: dict[str, jax.Array]):
+        inputs = self.model_inputs(batch)
+        compiled = self._compiled.get(_signature(inputs)) if self._compiled else None
+        with self.activate():
+            return compiled(state, inputs) if compiled is not None else self._step(state, inputs)
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The features this model trains on (others, e.g. a PrefixLM prefix for CoCa, are dropped)."""
@@ -297,6 +312,27 @@ class Trainer:
         if missing:
             raise KeyError(f"the training batch has no {missing} (has {sorted(batch)}); check the data task")
         return {k: batch[k] for k in self.batch_shardings}
+
+
+def compile_before_first_step(trainer: Trainer, state: TrainState, batch: dict[str, jax.Array]) -> None:
+    """Compiles the step, then waits for every process to have compiled it. Processes compile at
+    different speeds (a loaded host, a cache miss on one), and CPU collectives (gloo) give up if
+    a peer is 30 s late to the first one, so no process may start the step before all are ready."""
+    trainer.compile_step(state, batch)
+    if jax.process_count() > 1:
+        # `processes` given: the coordination service's barrier, not a collective (which would be
+        # the very gloo call that cannot wait).
+        ocp_multihost.sync_global_processes("simvlm_jax_train_step_compiled", timeout=COMPILE_SYNC_TIMEOUT_S,
+                                            processes=set(range(jax.process_count())))
+
+
+# How long a process waits for its peers to compile the train step (big models on big slices
+# compile for many minutes; a dead peer is caught sooner, by the heartbeat).
+COMPILE_SYNC_TIMEOUT_S = 3600
+
+
+def _signature(batch: dict[str, Any]) -> tuple:
+    return tuple((k, v.shape, str(v.dtype), getattr(v, "sharding", None)) for k, v in sorted(batch.items()))
 
 
 class LossSpikeDetector:
@@ -406,6 +442,8 @@ def train(work_dir: str, num_steps: int = gin.REQUIRED, global_batch_size: int =
             family.check_batch(host_batch)
             batch = partitioning.host_batch_to_global(trainer.model_inputs(host_batch), mesh,
                                                       trainer.batch_shardings)
+            if step == start:
+                compile_before_first_step(trainer, state, batch)
             state, metrics = trainer.step(state, batch)
             timer.step()
             done = step + 1

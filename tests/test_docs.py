@@ -18,6 +18,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -182,8 +183,13 @@ def _run_file_name(body: str) -> str | None:
 
 
 def _run(command: str, cwd: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    t0 = time.time()
+    proc = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    TIMES.append(f"{time.time() - t0:6.1f} s  {command[:160]}")  # printed at the end: where the time goes
+    return proc
+
+
+TIMES: list[str] = []
 
 
 @pytest.mark.slow
@@ -263,7 +269,7 @@ def test_documented_commands_and_gin_run_as_written(tmp_path):
     assert glob.glob(os.path.join(cwd, "demo_out", "run", "eval", "heldout_step*", "report.html"))
     assert os.path.exists(os.path.join(cwd, "demo_out", "run", "export", "MODEL_CARD.md"))
     assert os.path.exists(os.path.join(root, "ckpt", "my_run", "export", "params.safetensors"))
-    print("\n".join(["ran:", *ran, "skipped:", *(f"{c} ({a})" for c, a in skipped)]))
+    print("\n".join(["ran:", *TIMES, "skipped:", *(f"{c} ({a})" for c, a in skipped)]))
 
 
 def test_shell_commands_are_split_correctly():

@@ -187,6 +187,26 @@ def test_train_step_lowers_loss_on_fixed_batch(trainer_2x4, mesh_2x4):
     np.testing.assert_allclose(float(metrics["learning_rate"]), float(trainer.lr_schedule(19)), rtol=1e-6)
 
 
+def test_compile_step_runs_the_same_step_without_jit(mesh_2x4):
+    """The loop compiles before its first step (so processes can wait for each other): `step` then
+    runs that executable, and it computes what the jitted step computes."""
+    ref, aot = make_trainer(mesh_2x4), make_trainer(mesh_2x4)
+    batch = partitioning.host_batch_to_global(fixed_batch(ref.config), mesh_2x4)
+    ref_state, _ = ref.step(ref.init_state(), batch)
+    ref_state, ref_metrics = ref.step(ref_state, batch)
+    state = aot.init_state()
+    aot.compile_step(state, batch)
+    aot._step = None  # pylint: disable=protected-access  (the jitted step must not be called)
+    state, _ = aot.step(state, batch)
+    state, metrics = aot.step(state, batch)
+    assert float(metrics["loss"]) == float(ref_metrics["loss"])
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(host_copy(state.params)), leaves(host_copy(ref_state.params))):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError):  # another batch shape is not the compiled one: jit's path
+        aot.step(state, partitioning.host_batch_to_global(fixed_batch(ref.config, n=16), mesh_2x4))
+
+
 def test_params_and_optimizer_state_are_fsdp_sharded(trainer_2x4, mesh_2x4):
     state = trainer_2x4.init_state()
     kernel = state.params["encoder"]["layers_0"]["mlp"]["wi"]["kernel"]  # ('embed', 'mlp')
