@@ -37,7 +37,9 @@ MAIN_TINY = ("--gin.NUM_STEPS=2 --gin.BATCH_SIZE=8 --gin.train.log_every=1 --gin
 RULES: list[tuple[str, str]] = [
     (r"^bash tests/run\.sh", "skip: the test suite itself"),
     (r"^bash launch/demo\.sh", "run"),
-    (r"^python -m simvlm_jax\.main (?!--gin_file=gin/flamingo_demo\.gin)", "run"),
+    (r"^python -m simvlm_jax\.main (?!--gin_file=gin/(flamingo|coca)_demo\.gin)", "run"),
+    (r"^python -m simvlm_jax\.main --gin_file=gin/coca_demo\.gin",
+     "skip: tests/test_coca_cli.py runs these documented commands (tiny settings appended) and checks them"),
     (r"^python -m simvlm_jax\.main --gin_file=gin/flamingo_demo\.gin",
      "skip: tests/test_flamingo_family.py runs it (tiny settings, 0- and 4-shot eval, export, caption CLI)"),
     (r"^python -m simvlm_jax\.data\.tokenizer ", "run"),
@@ -50,9 +52,10 @@ RULES: list[tuple[str, str]] = [
     (r"^python -m simvlm_jax\.profile_summary ", "skip: tests/test_profile_summary.py runs the CLI on a fresh trace"),
     (r"^python -m simvlm_jax\.caption ", "run"),
     (r"^python -m simvlm_jax\.zero_shot ", "run"),
-    (r"^python -m simvlm_jax\.model_table", "run"),
+    (r"^python -m simvlm_jax\.model_table", "skip: tests/test_flops.py runs it and compares with docs/models.md"),
     (r"^python -m simvlm_jax\.launch (tpu-vm|xpk|slurm) .*--dry_run$", "run"),  # prints, runs nothing
-    (r"^python -m simvlm_jax\.launch local ", "run"),  # a real 2-process run on this machine
+    (r"^python -m simvlm_jax\.launch local ",
+     "skip: tests/test_launch_local.py runs this documented command (its own settings appended)"),
 ]
 
 # Substitutions (regex -> replacement) applied to commands and run files: tiny stand-ins for
@@ -93,6 +96,15 @@ def shell_commands(text: str) -> list[str]:
         if line:
             commands.append(re.sub(r"\[([^\]]*--[^\]]*)\]", r"\1", line))
     return commands
+
+
+def documented_command(pattern: str) -> list[str]:
+    """The args of the one documented command matching `pattern` (for tests that run a documented
+    command themselves, with tiny settings appended, so the docs test can skip it)."""
+    commands = {c for _, lang, text in code_blocks() if lang == "bash" for c in shell_commands(text)
+                if re.search(pattern, c)}
+    assert len(commands) == 1, f"{len(commands)} documented commands match {pattern!r}: {commands}"
+    return shlex.split(commands.pop())
 
 
 def action_for(command: str) -> str:

@@ -172,12 +172,13 @@ def test_caption_logits_scores_several_captions_per_image():
     params = _params(fam)
     inputs = fam.decode_inputs(_images(2, seed=5)[:, 0], np.array([5], np.int32))
     context = jax.jit(fam.encode)(params, inputs)
+    caption_logits = jax.jit(fam.caption_logits)  # eager flax is slow
     captions = jnp.array([[7, 8, 1, 0], [9, 1, 0, 0], [10, 11, 12, 1], [7, 1, 0, 0]], jnp.int32)
-    both = fam.caption_logits(params, context, captions)  # rows 0, 1 -> image 0; 2, 3 -> image 1
+    both = caption_logits(params, context, captions)  # rows 0, 1 -> image 0; 2, 3 -> image 1
     for i in range(2):
         one = jax.tree_util.tree_map(lambda x: x[i:i + 1], context)
         for j in range(2):
-            alone = fam.caption_logits(params, one, captions[2 * i + j:2 * i + j + 1])
+            alone = caption_logits(params, one, captions[2 * i + j:2 * i + j + 1])
             np.testing.assert_allclose(np.asarray(both[2 * i + j]), np.asarray(alone[0]), atol=1e-5)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, compile_cache_env
+from test_docs import documented_command
 
 # A constant learning rate after the warmup: the schedule then does not depend on NUM_STEPS, so
 # the killed-peer run (NUM_STEPS=100000) compiles the same train step as the 2-process run of
@@ -35,10 +36,12 @@ def _env() -> dict:
     return env
 
 
-def _launch(tmp, name, extra, **kw):
-    cmd = [sys.executable, "-m", "simvlm_jax.launch", "local", f"--name={name}", f"--out_dir={tmp / name}",
-           f"--work_dir={tmp / name / 'run'}", *TRAIN, *extra]
-    return cmd
+def _launch(tmp, name, extra, documented=False):
+    """The launcher's command line; `documented`: docs/cluster.md's command (the docs test leaves it
+    to this file) with this test's settings appended (the last flag or binding wins)."""
+    head = documented_command(r"^python -m simvlm_jax\.launch local ")[3:] if documented else ["local"]
+    return [sys.executable, "-m", "simvlm_jax.launch", *head, f"--name={name}", f"--out_dir={tmp / name}",
+            f"--work_dir={tmp / name / 'run'}", *TRAIN, *extra]
 
 
 def _losses(work_dir) -> dict[int, float]:
@@ -74,7 +77,7 @@ def test_two_local_processes_match_one(data_dir, tmp_path):
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     two = subprocess.run(_launch(tmp_path, "two", [*common, "--num_processes=2", "--devices_per_process=4",
                                                    "--gin.make_mesh.dcn_data=2", "--gin.make_mesh.data=2",
-                                                   "--gin.make_mesh.fsdp=2"]),
+                                                   "--gin.make_mesh.fsdp=2"], documented=True),
                          cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     assert "process 1: exit code 0" in two.stdout
