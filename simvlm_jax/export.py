@@ -21,6 +21,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import datetime
+import functools
+import itertools
 import json
 import logging
 import os
@@ -419,6 +421,9 @@ def _load_selected(export_dir: str, path: str, params: Any, include: Sequence[st
     """`load_params_for_training` from the local params file `path`."""
     target = flatten_params(nn.meta.unbox(params))
     stored = _stored_shapes(path)
+    relaid = _layer_relayout(target, stored)
+    stored = {**{k: v for k, v in stored.items() if k not in relaid.consumed},
+              **{k: (shape, dtype) for k, (shape, dtype, _) in relaid.views.items()}}
     patterns = [re.compile(p) for p in include] if include is not None else None
 
     def chosen(key: str) -> bool:
@@ -437,5 +442,53 @@ def _load_selected(export_dir: str, path: str, params: Any, include: Sequence[st
     if errors:
         raise ValueError(f"cannot load {export_dir} into this model (include={include}): " + "; ".join(errors))
     with safe_open(path, framework="numpy") as f:
-        leaves = [_place(f.get_tensor(k), leaf) if k in selected else leaf for k, leaf in target.items()]
+        read = functools.lru_cache(maxsize=1)(f.get_tensor)  # a stacked tensor sliced layer by layer
+        leaves = [_place(relaid.views[k][2](read) if k in relaid.views else read(k), leaf) if k in selected else leaf
+                  for k, leaf in target.items()]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(nn.meta.unbox(params)), leaves)
+
+
+_LAYER_KEY = re.compile(r"(.+)_(\d+)")
+
+
+@dataclasses.dataclass
+class _Relayout:
+    views: dict[str, tuple[tuple[int, ...], str, Callable]]  # model key -> (shape, dtype, read(get) -> array)
+    consumed: set[str]  # export keys the views replace
+
+
+def _layer_relayout(target: dict[str, Any], stored: dict[str, tuple[tuple[int, ...], str]]) -> _Relayout:
+    """Scanned <-> unrolled layers, so an export loads into a model with the other `scan_layers`:
+    a model key '.../layers/...' (stacked) missing from the export is the stack of its
+    '.../layers_0/...', '.../layers_1/...'; a model key '.../layers_3/...' missing from the export
+    is row 3 of its stacked '.../layers/...' (when the model has every row of it). One stacked
+    level per key."""
+    views, consumed, sliced_from = {}, set(), {}
+    for key in target:
+        if key in stored:
+            continue
+        parts = key.split("/")
+        for i, part in enumerate(parts):
+            def at(name, i=i):
+                return "/".join(parts[:i] + [name] + parts[i + 1:])
+            layers = list(itertools.takewhile(lambda k: k in stored, (at(f"{part}_{j}") for j in itertools.count())))
+            if layers:  # stacked model, unrolled export
+                shape, dtype = stored[layers[0]]
+                views[key] = ((len(layers),) + shape, dtype, lambda get, ks=tuple(layers): np.stack([get(k) for k in ks]))
+                consumed.update(layers)
+                break
+            m = _LAYER_KEY.fullmatch(part)
+            if m and at(m.group(1)) in stored:  # unrolled model, stacked export
+                src, row = at(m.group(1)), int(m.group(2))
+                shape, dtype = stored[src]
+                views[key] = (shape[1:], dtype, lambda get, src=src, row=row: get(src)[row])
+                sliced_from[key] = (src, row)
+                break
+    for src in {src for src, _ in sliced_from.values()}:  # a stacked tensor is used whole or not at all
+        keys = [k for k, (s, _) in sliced_from.items() if s == src]
+        if {sliced_from[k][1] for k in keys} == set(range(stored[src][0][0])):
+            consumed.add(src)
+        else:
+            for k in keys:
+                del views[k]
+    return _Relayout(views, consumed)

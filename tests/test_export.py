@@ -364,6 +364,27 @@ def test_load_params_for_training_partial_coca(vocab_path, tmp_path):
     assert not np.array_equal(got[visual[0]], init[visual[0]])
 
 
+def test_load_params_for_training_across_scanned_and_unrolled_layers(vocab_path, tmp_path):
+    """An export of unrolled layers loads into a scanned model (rows stacked in layer order) and
+    back; a stacked tensor is never loaded in part (a model with fewer layers is refused)."""
+    unrolled = tiny_config("coca", **{**COCA_TINY, "encoder_layers": 3})
+    scanned = dataclasses.replace(unrolled, scan_layers=True)
+    params = _init(unrolled, seed=0)
+    out = export.export(params, unrolled, vocab_path, str(tmp_path / "unrolled"))
+    stacked = export.load_params_for_training(out, _init(scanned, seed=4))
+    flat = export.flatten_params(stacked)
+    exported = export.flatten_params(params)
+    for i in range(3):
+        np.testing.assert_array_equal(np.asarray(flat["visual/layers/mlp/wi/kernel"][i]),
+                                      exported[f"visual/layers_{i}/mlp/wi/kernel"])
+    back = export.export(stacked, scanned, vocab_path, str(tmp_path / "scanned"))
+    _assert_trees_equal(jax.tree_util.tree_map(np.asarray, export.load_params_for_training(back, _init(unrolled, seed=7))),
+                        params)
+    fewer = dataclasses.replace(unrolled, encoder_layers=2)
+    with pytest.raises(ValueError, match="not in the export"):
+        export.load_params_for_training(back, _init(fewer, seed=0))
+
+
 def test_load_params_for_training_errors(vocab_path, tmp_path):
     cfg = tiny_config("coca", **COCA_TINY)
     out = export.export(_init(cfg, seed=0), cfg, vocab_path, str(tmp_path / "coca"))

@@ -167,9 +167,10 @@ def test_state_dict_round_trips_and_loads_strictly(tmp_path):
 @pytest.mark.parametrize("name", ["coca_ViT-B-32", "coca_ViT-L-14"])
 def test_gin_configs_match_open_clip(name, clean_gin):
     """The gin config equals the converted open_clip config, has open_clip's param count and
-    selects open_clip's tokenizer (CLIP BPE)."""
+    selects open_clip's tokenizer (CLIP BPE). Its layers are scanned (less host memory; exports
+    load into either layout)."""
     model_cfg = open_clip.get_model_config(name)
-    expected = conv.config_from_open_clip(model_cfg)
+    expected = conv.config_from_open_clip(model_cfg, scan_layers=True)
     gin.parse_config_file(os.path.join(REPO, "gin", "models", f"{name}.gin"))
     assert registry.model_family().config == expected
     assert gin.query_parameter("get_vocabulary.kind") == "clip_bpe"
