@@ -5,7 +5,6 @@ import glob
 import importlib.metadata
 import importlib.util
 import os
-import sys
 
 
 def _cpu_only_machine_with_libtpu() -> bool:
@@ -22,12 +21,14 @@ def _cpu_only_machine_with_libtpu() -> bool:
 
 
 def _skip_absent_tpu() -> None:
-    # An explicit choice (JAX_PLATFORMS, JAX_FORCE_TPU_INIT) always wins.
+    # An explicit choice (JAX_PLATFORMS, jax_platforms, JAX_FORCE_TPU_INIT) always wins. Set in
+    # this process's JAX config only (backends start lazily), not in os.environ, so that the
+    # processes it launches (sbatch, a TPU VM's ssh) do not inherit a CPU-only setting.
     if "JAX_PLATFORMS" in os.environ or "JAX_FORCE_TPU_INIT" in os.environ or not _cpu_only_machine_with_libtpu():
         return
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    if "jax" in sys.modules:  # imported before us: set it in JAX's config too (backends start lazily)
-        sys.modules["jax"].config.update("jax_platforms", "cpu")
+    import jax  # pylint: disable=g-import-not-at-top
+    if not jax.config.jax_platforms:
+        jax.config.update("jax_platforms", "cpu")
 
 
 _skip_absent_tpu()

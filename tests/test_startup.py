@@ -104,15 +104,16 @@ def test_a_machine_without_tpu_chips_does_not_start_libtpu():
     if not simvlm_jax._cpu_only_machine_with_libtpu():  # pylint: disable=protected-access
         pytest.skip("libtpu is not installed here, or this machine has an accelerator")
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    code = "import simvlm_jax, jax, os; print(os.environ['JAX_PLATFORMS'], jax.devices()[0].platform)"
+    code = ("import simvlm_jax, jax, os; "
+            "print(jax.config.jax_platforms, jax.devices()[0].platform, os.environ.get('JAX_PLATFORMS'))")
     proc = subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=True)
-    assert proc.stdout.split() == ["cpu", "cpu"]
+    assert proc.stdout.split() == ["cpu", "cpu", "None"]  # launched processes do not inherit it
     assert "TPU" not in proc.stderr, proc.stderr[-2000:]
     # jax imported first (as by a notebook) is covered too; an explicit choice is kept.
     code = "import jax, simvlm_jax; print(jax.config.jax_platforms)"
     out = subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "cpu" and "TPU" not in out.stderr, out.stderr[-2000:]
-    code = "import simvlm_jax, os; print(os.environ['JAX_PLATFORMS'])"
+    code = "import simvlm_jax, jax; print(jax.config.jax_platforms)"
     kept = subprocess.run([PYTHON, "-c", code], env=dict(env, JAX_PLATFORMS="cpu,tpu"), capture_output=True,
                           text=True, timeout=300, check=True)
     assert kept.stdout.strip() == "cpu,tpu"
