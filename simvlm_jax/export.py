@@ -442,9 +442,11 @@ def _load_selected(export_dir: str, path: str, params: Any, include: Sequence[st
     if errors:
         raise ValueError(f"cannot load {export_dir} into this model (include={include}): " + "; ".join(errors))
     with safe_open(path, framework="numpy") as f:
-        read = functools.lru_cache(maxsize=1)(f.get_tensor)  # a stacked tensor sliced layer by layer
-        leaves = [_place(relaid.views[k][2](read) if k in relaid.views else read(k), leaf) if k in selected else leaf
-                  for k, leaf in target.items()]
+        # A stacked tensor is read once: the model keys sliced from it load one after another.
+        read = functools.lru_cache(maxsize=1)(f.get_tensor)
+        loaded = {k: _place(relaid.views[k][2](read) if k in relaid.views else read(k), target[k])
+                  for k in sorted(selected, key=lambda k: (relaid.source.get(k, k), k))}
+        leaves = [loaded.get(k, leaf) for k, leaf in target.items()]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(nn.meta.unbox(params)), leaves)
 
 
@@ -455,6 +457,7 @@ _LAYER_KEY = re.compile(r"(.+)_(\d+)")
 class _Relayout:
     views: dict[str, tuple[tuple[int, ...], str, Callable]]  # model key -> (shape, dtype, read(get) -> array)
     consumed: set[str]  # export keys the views replace
+    source: dict[str, str]  # model key -> the stacked export key it is a row of
 
 
 def _layer_relayout(target: dict[str, Any], stored: dict[str, tuple[tuple[int, ...], str]]) -> _Relayout:
@@ -491,4 +494,4 @@ def _layer_relayout(target: dict[str, Any], stored: dict[str, tuple[tuple[int, .
         else:
             for k in keys:
                 del views[k]
-    return _Relayout(views, consumed)
+    return _Relayout(views, consumed, {k: src for k, (src, _) in sliced_from.items() if k in views})
