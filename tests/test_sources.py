@@ -95,6 +95,11 @@ def test_parquet_source_reads_rows_and_autodetects_columns(tmp_path):
     hf = sources.ParquetSource(b)
     assert (hf.image_column, hf.caption_column) == ("image", "text")
     assert [hf[i]["jpg"] for i in range(3)] == [s[0] for s in samples[4:]]
+    # close() releases the readers (native ones alive at interpreter exit can abort it); reads reopen.
+    opened = list(src._handles.files.values())
+    src.close()
+    assert opened and all(f.closed for f in opened) and not src._handles.files
+    assert src[2]["jpg"] == samples[2][0]
     both = pickle.loads(pickle.dumps(sources.ParquetSource(str(tmp_path / "a.parquet"))))
     assert both[3]["jpg"] == samples[3][0]
     out = pp.DecodeImage(SIZE).map(src[1])

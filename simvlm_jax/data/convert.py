@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import os
 import sys
@@ -179,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no_progress", action="store_true")
     a = p.parse_args(argv)
     inputs = [x for i in a.input for x in i.split(",") if x]
+    src = None
     try:
         src = open_source(a.format, inputs, a.image_dir, a.split.split(",") if a.split else None,
                           a.image_column, a.caption_column, a.field)
@@ -188,6 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:  # incl. sources.MissingPackageError
         print(f"error: {cli.one_line(str(e))}", file=sys.stderr)
         return 2
+    finally:
+        if src is not None:  # release native readers before interpreter teardown
+            src.close()
+            gc.collect()
     print(f"wrote {summary['written']} of {summary['input_samples']} samples to {len(summary['outputs'])} "
           f"file(s); skipped {sum(summary['skipped'].values())}: {summary['skipped']}", file=sys.stderr)
     print(json.dumps(summary))

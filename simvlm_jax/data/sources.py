@@ -249,6 +249,18 @@ class _Picklable:
     def _reset_transient(self):
         self._handles = _FileHandles()
 
+    def close(self) -> None:
+        """Closes the files the calling thread opened; a later read reopens them. Call it before
+        exiting: native readers alive at interpreter teardown can abort it (pyarrow: SIGABRT)."""
+        handles = self.__dict__.get("_handles")
+        files = getattr(handles, "files", None) or {}
+        while files:
+            _, f = files.popitem()
+            try:
+                f.close()
+            except Exception:  # pylint: disable=broad-except  (already broken: nothing to release)
+                pass
+
 
 # ----------------------------------------------------------------------------- tar
 
@@ -482,6 +494,14 @@ class ParquetSource(_Picklable):
         self._handles = threading.local()
         self._cache = threading.local()
 
+    def close(self) -> None:
+        """Closes the parquet readers (and the files under them) the calling thread opened."""
+        files = getattr(self._handles, "files", None) or {}
+        while files:
+            _, reader = files.popitem()
+            reader.close(force=True)  # force: the file object is ours (open_file), not pyarrow's
+        self._cache.groups = None
+
     def __len__(self) -> int:
         return int(self._starts[-1])
 
@@ -500,7 +520,9 @@ class ParquetSource(_Picklable):
         if path not in files:
             files[path] = pq.ParquetFile(open_file(path))
         columns = [self.image_column, self.caption_column] + self.meta_columns
-        table = files[path].read_row_group(int(group_idx), columns=columns).to_pydict()
+        # One thread per read: the pipeline's workers parallelize, and Arrow's pool threads still
+        # running at interpreter exit abort it ("terminate called without an active exception").
+        table = files[path].read_row_group(int(group_idx), columns=columns, use_threads=False).to_pydict()
         cache[g] = table
         while len(cache) > self.CACHED_ROW_GROUPS:
             cache.popitem(last=False)
