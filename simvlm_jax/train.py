@@ -72,6 +72,19 @@ def stop_frozen_gradients(params: Any, frozen: tuple[str, ...]) -> Any:
         params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """Scales the gradients down to global norm `max_norm` if above it, as optax's
+    clip_by_global_norm but with one multiply by a scalar (min(1, max_norm / norm)) instead of a
+    division per element: XLA fuses a multiply into the optimizer's update of each leaf, while it
+    materializes a divide's output (expensive to recompute per consumer), which kept a second
+    gradient-sized buffer alive (CoCa-B/32 on CPU: temporaries 1.90 -> 1.48 GiB; tests/test_memory.py)."""
+    def update_fn(updates, state, params=None):
+        del params
+        scale = jnp.minimum(1.0, max_norm / optax.tree.norm(updates))
+        return jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), updates), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 @gin.configurable
 def make_optimizer(total_steps: int, name: str = "adamw", learning_rate: float = 1e-3,
                    warmup_steps: int = 1000, schedule: str = "cosine", end_lr_fraction: float = 0.0,
@@ -103,7 +116,7 @@ def make_optimizer(total_steps: int, name: str = "adamw", learning_rate: float =
     if moment_dtype is not None and moment_dtype not in layers.DTYPES:
         raise ValueError(f"make_optimizer.moment_dtype={moment_dtype!r}; use None or one of {sorted(layers.DTYPES)}")
     mu_dtype = layers.DTYPES.get(moment_dtype)
-    chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+    chain = [clip_by_global_norm(clip_norm)] if clip_norm else []
     if name == "adamw":
         chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask,
                                  mu_dtype=mu_dtype))
@@ -206,14 +219,24 @@ class Trainer:
                                     batch_axes=self.batch_axes, aux_state=aux_state)
         return obj.value, (obj.weight, obj.sums, obj.aux_outputs)
 
+    def _mean_objective(self, params, batch, rng, aux_state):
+        """`_objective` with its value divided by its (constant) weight."""
+        value, aux = self._objective(params, batch, rng, aux_state)
+        return value / jnp.maximum(jax.lax.stop_gradient(aux[0]), 1e-9), aux
+
     def _grads(self, params, batch, rng, aux_state=None):
-        """Summed gradients, summed weight, metric sums and the objective's aux outputs (rows of
-        all microbatches, in batch order); microbatched with lax.scan if asked."""
-        grad_fn = jax.value_and_grad(self._objective, has_aux=True)
+        """Gradients of the summed value over the summed weight, the summed weight, metric sums
+        and the objective's aux outputs (rows of all microbatches, in batch order); microbatched
+        with lax.scan if asked."""
         k = self.microbatches
         if k == 1:
+            # Dividing before differentiating seeds the backward pass with 1/weight, so the
+            # gradients come out final: dividing them afterwards can be one more gradient-sized
+            # buffer (SimVLM in tests/test_memory.py: temporaries 1.6x -> 1.3x the params).
+            grad_fn = jax.value_and_grad(self._mean_objective, has_aux=True)
             (_, (weight, sums, aux_out)), grads = grad_fn(params, batch, rng, aux_state)
             return grads, weight, sums, aux_out
+        grad_fn = jax.value_and_grad(self._objective, has_aux=True)
         # Microbatch i takes rows i::k, so every device keeps an equal share of each one.
         def split(x):
             if x.shape[0] % k:
@@ -242,6 +265,12 @@ class Trainer:
         zero_sums = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), sums_shape)
         init = (zeros, jnp.zeros(()), zero_sums)
         (grads, weight, sums), aux_out = jax.lax.scan(body, init, (jnp.arange(k), micro))
+        # SimVLM: d(mean NLL over all target tokens of the global batch) = d(sum) / count,
+        # equal to the big-batch gradient whatever the number of microbatches.
+        # (A multiply by the reciprocal fuses into the gradients' consumers; a divide would be
+        # materialized as one more gradient-sized buffer, see clip_by_global_norm.)
+        inv = 1.0 / jnp.maximum(weight, 1e-9)
+        grads = jax.tree_util.tree_map(lambda g, p: (g * inv).astype(p.dtype), grads, params)
         # [k, b/k, ...] -> [b, ...] with row r of microbatch i back at batch row r*k + i.
         unsplit = lambda x: x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
         return grads, weight, sums, jax.tree_util.tree_map(unsplit, aux_out)
@@ -255,9 +284,6 @@ class Trainer:
         rng = jax.random.fold_in(jax.random.key(self.seed + 1), state.step)
         grads, weight, sums, aux_out = self._grads(state.params, batch, rng, state.aux_state)
         denom = jnp.maximum(weight, 1e-9)
-        # SimVLM: d(mean NLL over all target tokens of the global batch) = d(sum) / count,
-        # equal to the big-batch gradient whatever the number of microbatches.
-        grads = jax.tree_util.tree_map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
         # Gradients live exactly where their params live (reduce-scattered under FSDP).
         grads = jax.lax.with_sharding_constraint(grads, self.state_shardings.params)
         means = {k: v / denom for k, v in sums.items() if k != "num_target_tokens"}
@@ -267,7 +293,7 @@ class Trainer:
         # The decision comes before the update (from two scalars), so the update runs inside a
         # lax.cond whose skip branch returns the donated state as is: XLA then writes the new
         # state in place, leaf by leaf, and the step's temporaries are about the gradients plus
-        # activations (CoCa-B/32: 2.0x the params' bytes). Selecting old vs new per leaf after the
+        # activations (CoCa-B/32: 1.6x the params' bytes). Selecting old vs new per leaf after the
         # update, or first computing the update's norm to also skip non-finite updates, kept old
         # state, new state and updates alive at once (3.4x; tests/test_memory.py). With finite
         # (clipped) gradients and state, AdamW's and Adafactor's updates are finite unless the
