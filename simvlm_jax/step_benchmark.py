@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from simvlm_jax import flops, partitioning, profile_summary, train
+from simvlm_jax import flops, host_memory, partitioning, profile_summary, train
 from simvlm_jax.models.family import ModelFamily, count_params
 
 
@@ -36,6 +36,7 @@ def time_train_step(fam: ModelFamily, mesh: jax.sharding.Mesh, batch_size: int, 
         compiled = trainer._step.lower(trainer.abstract_state, {k: jax.ShapeDtypeStruct(  # pylint: disable=protected-access
             v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()}).compile()
     compile_sec = time.perf_counter() - t0
+    host_memory.release_freed_memory()  # as Trainer.compile_step does
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     state = trainer.init_state()

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from orbax.checkpoint import multihost as ocp_multihost
 
-from simvlm_jax import checkpointing, export, flops, partitioning, storage
+from simvlm_jax import checkpointing, export, flops, host_memory, partitioning, storage
 from simvlm_jax.metric_writer import MetricWriter, StepTimer, format_progress
 from simvlm_jax.models import layers, registry
 from simvlm_jax.models.family import ModelFamily, count_params
@@ -208,7 +208,10 @@ class Trainer:
 
     def init_state(self) -> TrainState:
         with self.activate():
-            return self._init(jax.random.key(self.seed))
+            state = self._init(jax.random.key(self.seed))
+        jax.block_until_ready(state)
+        host_memory.release_freed_memory()  # what compiling and running the init freed
+        return state
 
     def _objective(self, params, batch, rng, aux_state):
         """(value to differentiate, (weight, metric sums, aux outputs)) of one (micro)batch;
@@ -323,6 +326,7 @@ class Trainer:
         inputs = self.model_inputs(batch)
         with self.activate():
             compiled = self._step.lower(state, inputs).compile()
+        host_memory.release_freed_memory()  # the compiler's freed memory: 0.5 GB for CoCa-B/32
         self._compiled[_signature(inputs)] = compiled
         return compiled
 
