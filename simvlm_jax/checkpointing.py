@@ -18,15 +18,23 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from simvlm_jax import host_memory
 from simvlm_jax.cli import UserError
 
 
 @gin.configurable
 def make_manager(work_dir: str, save_every: int = 500, keep: int = 3, keep_every: int | None = None,
-                 async_save: bool = True) -> ocp.CheckpointManager:
+                 async_save: bool | None = None) -> ocp.CheckpointManager:
     """CheckpointManager saving every `save_every` steps (and the first step of a run),
-    keeping the last `keep` and every `keep_every`-th step forever, if set. Saves are
-    asynchronous: training continues while orbax writes."""
+    keeping the last `keep` and every `keep_every`-th step forever, if set.
+
+    `async_save`: training continues while orbax writes. None (the default) means asynchronous
+    on accelerators and synchronous on CPU devices: orbax copies accelerator arrays to host
+    memory before returning, but CPU arrays it writes in place, so the next step cannot donate
+    them and allocates a second train state (CoCa-B/32: +3 GB of host memory during the save).
+    """
+    if async_save is None:
+        async_save = jax.devices()[0].platform != "cpu"
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_every, max_to_keep=keep, keep_period=keep_every,
         enable_async_checkpointing=async_save, create=True)
@@ -45,7 +53,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+    saved = manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:  # tensorstore's writer threads keep what they free in their malloc arenas
+        host_memory.release_freed_memory()
+    return saved
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any | None,

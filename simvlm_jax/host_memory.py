@@ -18,7 +18,8 @@ def _libc():
 
 def release_freed_memory() -> bool:
     """Hands the pages that malloc holds free back to the OS (glibc `malloc_trim`); False where
-    the C library has no such call (macOS, musl).
+    the C library has no such call (macOS, musl). Called after compiling, after the init and after
+    each checkpoint save (tensorstore's writer threads hold 0.4 GB of CoCa-B/32's save).
 
     XLA compiles on worker threads, each allocating from its own malloc arena, and an arena keeps
     what was freed in it: after compiling CoCa-B/32's train step on CPU the process held 1.07 GB

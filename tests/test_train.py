@@ -336,6 +336,28 @@ def test_checkpoint_roundtrip_and_exact_resume(trainer_2x4, mesh_2x4, data_mixtu
     manager.close()
 
 
+def test_cpu_saves_are_synchronous_and_an_async_save_survives_the_donating_step(tmp_path):
+    """On CPU devices the default manager saves synchronously: orbax writes CPU arrays in place,
+    so after an asynchronous save the next step could not donate the state and would allocate a
+    second one. An asynchronous save (the accelerators' default) still writes the state as it was
+    when saved, although the step right after it donates those buffers."""
+    assert not checkpointing.make_manager(str(tmp_path / "default"))._options.enable_async_checkpointing  # pylint: disable=protected-access
+    manager = checkpointing.make_manager(str(tmp_path / "async"), async_save=True)
+    assert manager._options.enable_async_checkpointing  # pylint: disable=protected-access
+    state = {"w": jnp.arange(1 << 22, dtype=jnp.float32), "step": jnp.int32(1)}
+    saved = jax.tree.map(np.array, state)
+    assert checkpointing.save(manager, 1, state, None)
+    step = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
+    state = jax.block_until_ready(step(state))
+    manager.wait_until_finished()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored, at = checkpointing.restore(manager, abstract, None)
+    assert at == 1
+    _assert_trees_equal(jax.tree.map(np.asarray, restored), saved)
+    np.testing.assert_array_equal(np.asarray(state["w"]), saved["w"] + 1)
+    manager.close()
+
+
 def test_restore_without_checkpoint_returns_none(trainer_2x4, tmp_path):
     manager = checkpointing.make_manager(str(tmp_path), async_save=False)
     assert checkpointing.restore(manager, trainer_2x4.abstract_state, None) is None
