@@ -328,7 +328,7 @@ def test_flamingo_trains_evaluates_few_shot_and_exports_from_the_cli(tmp_path):
 def test_loss_and_grads_are_the_same_on_a_data_fsdp_tensor_mesh():
     """The objective's loss and gradients (every parameter, gates non-zero) on data=8 and on
     data 2 x fsdp 2 x tensor 2: the logical axis names of the new parameters and activations
-    shard without changing the math."""
+    shard without changing the math. One unsharded device gives the float32 noise floor."""
     fam = _family(lm_kv_heads=4)  # tensor 2 splits 4 query and 4 kv heads
     boxed = fam.init_params(jax.random.key(0))
     params = _params(fam)
@@ -339,7 +339,8 @@ def test_loss_and_grads_are_the_same_on_a_data_fsdp_tensor_mesh():
              "loss_mask": (tokens != 38).astype(np.int32)}
     loss = lambda p, b: fam.objective(p, b, jax.random.key(0), loss_weights={}).value  # noqa: E731
     results = []
-    for axes in (dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2)):
+    for axes in (dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2),
+                 dict(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])):
         mesh = partitioning.make_mesh(**axes)
         shardings = partitioning.fit_to_shapes(partitioning.logical_to_sharding(
             partitioning.logical_specs(boxed), mesh, partitioning.LOGICAL_AXIS_RULES), params)
@@ -348,8 +349,13 @@ def test_loss_and_grads_are_the_same_on_a_data_fsdp_tensor_mesh():
                 jax.device_put(params, shardings), partitioning.host_batch_to_global(batch, mesh))
         results.append((float(value), jax.device_get(grads)))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
-    # float32 sums in another order: each leaf agrees to 1e-4 of its largest gradient.
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(results[0][1])[0],
-                            jax.tree_util.tree_leaves(results[1][1])):
-        assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max() + 1e-7, jax.tree_util.keystr(path)
+    # float32 sums in another order. The query/key gradients of the attention layers go through
+    # softmax's Jacobian, whose terms cancel: there even one unsharded device differs from data=8
+    # by up to 2e-3 of the leaf's largest gradient (measured), so each leaf may differ by 1e-4 of
+    # its largest gradient or 4x that unsharded-vs-data=8 difference. A sharding mistake (heads
+    # mixed, a missing reduction) is off by orders of magnitude more.
+    for (path, a), b, c in zip(jax.tree_util.tree_flatten_with_path(results[0][1])[0],
+                               jax.tree_util.tree_leaves(results[1][1]), jax.tree_util.tree_leaves(results[2][1])):
+        noise = np.abs(a - c).max()
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max() + 4 * noise + 1e-7, (jax.tree_util.keystr(path), noise)
     assert any(np.abs(g).max() > 0 for g in jax.tree_util.tree_leaves(results[1][1]["resampler"]))
