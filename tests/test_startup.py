@@ -63,6 +63,7 @@ def test_tensorflow_never_probes_cuda():
     assert "cuInit" not in proc.stderr
     # Library-loading notices printed before any log level applies are filtered out.
     assert "Could not find cuda drivers" not in proc.stderr and "cpu_feature_guard" not in proc.stderr, proc.stderr
+    assert "oneDNN custom operations" not in proc.stderr, proc.stderr
 
 
 def test_native_stderr_filter_keeps_other_lines(capfd):

@@ -10,7 +10,8 @@ view of the GPUs alone. A value the user set is kept.
 Loading TensorFlow's libraries also prints, before any log level applies, "Could not find
 cuda drivers on your machine" (twice) and a CPU-instructions notice. The first `import
 tensorflow` therefore runs with the process's native stderr captured, and every other line
-it printed is passed on. `TF_CPP_MIN_LOG_LEVEL=1` (unless set) hides TensorFlow's later
+it printed is passed on (also the oneDNN round-off notice: JAX does the math, TensorFlow only
+decodes data). `TF_CPP_MIN_LOG_LEVEL=1` (unless set) hides TensorFlow's later
 INFO lines.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Iterator
 TF_DEVICE_TYPES_ENV = "TF_ENABLED_DEVICE_TYPES"
 # Lines of TensorFlow's library loading that say nothing to a user of this framework.
 IMPORT_NOISE = ("cudart_stub.cc", "All log messages before absl::InitializeLog()", "cpu_feature_guard.cc",
-                "To enable the following instructions:")
+                "To enable the following instructions:", "oneDNN custom operations are on")
 
 
 def keep_tensorflow_on_cpu() -> None:
