@@ -180,6 +180,7 @@ def _fmt_tick(v: float) -> str:
 # Chart geometry in px: plot area inside the margins (left margin holds the y tick labels).
 CHART_WIDTH, CHART_HEIGHT = 640, 220
 CHART_MARGIN = {"left": 56, "right": 16, "top": 12, "bottom": 40}
+MARKER_ROW_PX = 12  # one row of marker labels at the top of the plot area
 
 
 class _Axes:
@@ -221,7 +222,7 @@ class _Axes:
     def marker(self, x: float, label: str, color: str, row: int = 0) -> str:
         """A labelled vertical line at data x (e.g. the evaluated step, a mean); labels of
         several markers go on separate `row`s so they do not overlap."""
-        px, ty = self.x(x), self.top + 12 * (row + 1)
+        px, ty = self.x(x), self.top + MARKER_ROW_PX * (row + 1)
         # Labels of lines in the right part of the plot go on their left, inside the chart.
         tx, anchor = (px - 3, "end") if px > self.left + 0.7 * self.w else (px + 3, "start")
         return (f"<line class='marker' x1='{px:.1f}' x2='{px:.1f}' y1='{self.top}' y2='{self.top + self.h}' "
@@ -262,7 +263,11 @@ def svg_histogram(values: Sequence[float], bins: int, *, element_id: str, title:
     x_ticks = _nice_ticks(min(0.0, min(values)), max(values), count=8)
     lo, hi = x_ticks[0], x_ticks[-1]
     counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    ax = _Axes(x_ticks, _nice_ticks(0, max(int(counts.max()), 1)))
+    # Headroom above the tallest bar for the markers' label rows (`_Axes.marker`: 12 px each),
+    # so a label never sits on a bar.
+    plot_h = CHART_HEIGHT - CHART_MARGIN["top"] - CHART_MARGIN["bottom"]
+    label_band = MARKER_ROW_PX * len(markers) + 4 if markers else 0
+    ax = _Axes(x_ticks, _nice_ticks(0, max(int(counts.max()), 1) * plot_h / (plot_h - label_band)))
     parts = ax.frame(x_label, "images")
     for n, a, b in zip(counts, edges[:-1], edges[1:]):
         x0, x1, y = ax.x(a), ax.x(b), ax.y(int(n))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from html.parser import HTMLParser
 
 import numpy as np
@@ -131,6 +132,21 @@ def test_histogram_bins_hold_each_value_once():
     parser.feed(svg)
     # Round bounds 0..250 in 5 bins of 50: five values in the first bin, 250 (the right edge) in the last.
     assert parser.bar_counts == [5, 0, 0, 0, 1]
+
+
+def test_histogram_marker_labels_sit_above_the_tallest_bar():
+    # Seen in the demo's report: a marker label drawn across the tallest bar.
+    values = [110.0] * 75 + [250.0] * 40 + [600.0]
+    markers = [(245.0, "mean", "#2ca02c"), (109.5, "best constant caption", "#d62728")]
+    svg = evaluate.svg_histogram(values, 20, element_id="h", title="t", x_label="x", markers=markers)
+    bar_tops = [float(y) for y in re.findall(r"<rect class='bar' x='[^']*' y='([^']*)'", svg)]
+    label_baselines = [float(y) for y in re.findall(r"<text x='[^']*' y='([^']*)' fill=", svg)]
+    assert len(bar_tops) == 20 and len(label_baselines) == 2
+    assert min(bar_tops) > max(label_baselines) + 2  # descenders clear the bar
+    # Without markers the tallest bar may reach the top tick.
+    plain = evaluate.svg_histogram([1.0] * 80, 4, element_id="h", title="t", x_label="x")
+    assert min(float(y) for y in re.findall(r"<rect class='bar' x='[^']*' y='([^']*)'", plain)) == (
+        evaluate.CHART_MARGIN["top"])
 
 
 def test_report_without_a_training_log_says_so(tmp_path):
