@@ -263,7 +263,7 @@ def svg_histogram(values: Sequence[float], bins: int, *, element_id: str, title:
     x_ticks = _nice_ticks(min(0.0, min(values)), max(values), count=8)
     lo, hi = x_ticks[0], x_ticks[-1]
     counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    # Headroom above the tallest bar for the markers' label rows (`_Axes.marker`: 12 px each),
+    # Headroom above the tallest bar for the markers' label rows (`_Axes.marker`, MARKER_ROW_PX each),
     # so a label never sits on a bar.
     plot_h = CHART_HEIGHT - CHART_MARGIN["top"] - CHART_MARGIN["bottom"]
     label_band = MARKER_ROW_PX * len(markers) + 4 if markers else 0
