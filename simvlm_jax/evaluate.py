@@ -180,7 +180,16 @@ def _fmt_tick(v: float) -> str:
 # Chart geometry in px: plot area inside the margins (left margin holds the y tick labels).
 CHART_WIDTH, CHART_HEIGHT = 640, 220
 CHART_MARGIN = {"left": 56, "right": 16, "top": 12, "bottom": 40}
+PLOT_WIDTH = CHART_WIDTH - CHART_MARGIN["left"] - CHART_MARGIN["right"]
+PLOT_HEIGHT = CHART_HEIGHT - CHART_MARGIN["top"] - CHART_MARGIN["bottom"]
 MARKER_ROW_PX = 12  # one row of marker labels at the top of the plot area
+
+
+def _y_ticks(lo: float, hi: float, label_rows: int) -> list[float]:
+    """Round y ticks spanning [lo, hi] with headroom above `hi` for `label_rows` rows of
+    marker labels (`_Axes.marker`), so a label never sits on the data."""
+    band = MARKER_ROW_PX * label_rows + 4 if label_rows else 0
+    return _nice_ticks(lo, lo + (hi - lo) * PLOT_HEIGHT / (PLOT_HEIGHT - band))
 
 
 class _Axes:
@@ -191,8 +200,7 @@ class _Axes:
         self.x_ticks, self.y_ticks = x_ticks, y_ticks
         m = CHART_MARGIN
         self.left, self.top = m["left"], m["top"]
-        self.w = CHART_WIDTH - m["left"] - m["right"]
-        self.h = CHART_HEIGHT - m["top"] - m["bottom"]
+        self.w, self.h = PLOT_WIDTH, PLOT_HEIGHT
 
     def x(self, v: float) -> float:
         lo, hi = self.x_ticks[0], self.x_ticks[-1]
@@ -242,7 +250,7 @@ def svg_line_chart(points: Sequence[tuple[float, float]], *, element_id: str, ti
     """Inline SVG line chart of (x, y) `points`, sorted by x; optional vertical marker."""
     xs = [p[0] for p in points] + ([marker_x] if marker_x is not None else [])
     ys = [p[1] for p in points]
-    ax = _Axes(_nice_ticks(min(xs), max(xs), count=8), _nice_ticks(min(ys), max(ys)))
+    ax = _Axes(_nice_ticks(min(xs), max(xs), count=8), _y_ticks(min(ys), max(ys), int(marker_x is not None)))
     parts = ax.frame(x_label, y_label)
     coords = " ".join(f"{ax.x(x):.1f},{ax.y(y):.1f}" for x, y in points)
     parts.append(f"<polyline points='{coords}' fill='none' stroke='#1f77b4' stroke-width='1.5' "
@@ -263,11 +271,7 @@ def svg_histogram(values: Sequence[float], bins: int, *, element_id: str, title:
     x_ticks = _nice_ticks(min(0.0, min(values)), max(values), count=8)
     lo, hi = x_ticks[0], x_ticks[-1]
     counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    # Headroom above the tallest bar for the markers' label rows (`_Axes.marker`, MARKER_ROW_PX each),
-    # so a label never sits on a bar.
-    plot_h = CHART_HEIGHT - CHART_MARGIN["top"] - CHART_MARGIN["bottom"]
-    label_band = MARKER_ROW_PX * len(markers) + 4 if markers else 0
-    ax = _Axes(x_ticks, _nice_ticks(0, max(int(counts.max()), 1) * plot_h / (plot_h - label_band)))
+    ax = _Axes(x_ticks, _y_ticks(0, max(int(counts.max()), 1), len(markers)))
     parts = ax.frame(x_label, "images")
     for n, a, b in zip(counts, edges[:-1], edges[1:]):
         x0, x1, y = ax.x(a), ax.x(b), ax.y(int(n))

@@ -143,6 +143,12 @@ def test_histogram_marker_labels_sit_above_the_tallest_bar():
     label_baselines = [float(y) for y in re.findall(r"<text x='[^']*' y='([^']*)' fill=", svg)]
     assert len(bar_tops) == 20 and len(label_baselines) == 2
     assert min(bar_tops) > max(label_baselines) + 2  # descenders clear the bar
+    # The loss curve's marker label ("evaluated: step N", top right) clears a curve at its max there.
+    line = evaluate.svg_line_chart([(0, 1.0), (50, 5.0), (100, 5.0)], element_id="l", title="t", x_label="step",
+                                   y_label="loss", marker_x=100, marker_label="evaluated: step 100")
+    curve_top = min(float(p.split(",")[1]) for p in re.search(r"<polyline points='([^']*)'", line)[1].split())
+    label_baseline = float(re.search(r"<text x='[^']*' y='([^']*)' fill=", line)[1])
+    assert curve_top > label_baseline + 2
     # Without markers the tallest bar may reach the top tick.
     plain = evaluate.svg_histogram([1.0] * 80, 4, element_id="h", title="t", x_label="x")
     assert min(float(y) for y in re.findall(r"<rect class='bar' x='[^']*' y='([^']*)'", plain)) == (
